@@ -1,0 +1,45 @@
+"""st2v_jax: StreamingT2V (autoregressive text-to-long-video diffusion) in JAX/Flax."""
+import pathlib
+import re
+
+from setuptools import find_packages, setup
+
+_VERSION = re.search(
+    r'__version__ = "([^"]+)"',
+    (pathlib.Path(__file__).parent / "st2v_jax" / "__init__.py").read_text(),
+).group(1)
+
+setup(
+    name="st2v_jax",
+    version=_VERSION,
+    description="StreamingT2V long-video diffusion in JAX/Flax: UNet3D, CAM, APM, streaming sampler",
+    long_description=pathlib.Path("README.md").read_text() if pathlib.Path("README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["st2v_jax", "st2v_jax.*"]),
+    include_package_data=True,
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "numpy",
+        # orbax: converted-checkpoint directories (params pytrees, sharded restore).
+        "orbax-checkpoint",
+        # safetensors: lazy, memory-mapped, code-free weight reading.
+        "safetensors",
+        # transformers: CLIP tokenizers only (it has no Flax models any more).
+        "transformers>=5",
+        "ml_collections",
+        "einops",
+        "tqdm",
+    ],
+    extras_require={
+        # PyTorch reference oracles for the parity tests. torch comes from the CPU wheel.
+        "test": [
+            "pytest",
+            "torch",
+            "diffusers>=0.40",
+            "open-clip-torch",
+        ],
+    },
+    entry_points={"console_scripts": ["st2v-convert=st2v_jax.convert:main"]},
+)
