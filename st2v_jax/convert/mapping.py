@@ -116,7 +116,8 @@ def convert_state_dict(
         elif tuple(array.shape) != tuple(expected[flax_path]):
             misshaped.append(f"{key}: {tuple(array.shape)} in flax layout, expected {tuple(expected[flax_path])}")
         else:
-            params[flax_path] = np.ascontiguousarray(array, dtype=dtype) if dtype is not None else np.ascontiguousarray(array)
+            # An owned C-order copy (np.ascontiguousarray would turn 0-d scalars into 1-d).
+            params[flax_path] = np.array(array, dtype=dtype or array.dtype, order="C")
     missing = sorted("/".join(p) for p in expected if p not in params)
     problems = [
         (title, items)

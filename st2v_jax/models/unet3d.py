@@ -260,6 +260,6 @@ class UNet3D(nn.Module):
         return self.decode(h, skips, temb, context)
 
 
-def abstract_params(module: nn.Module, *args: Any) -> Any:
+def abstract_params(module: nn.Module, *args: Any, method: Optional[Any] = None) -> Any:
     """Parameter shapes/dtypes (boxed with logical axis names) without allocating anything."""
-    return jax.eval_shape(lambda: module.init(jax.random.key(0), *args))["params"]
+    return jax.eval_shape(lambda: module.init(jax.random.key(0), *args, method=method))["params"]
