@@ -149,7 +149,8 @@ def test_video_helpers_chunk_like_per_frame(converted):
     _assert_close("encode_video sample", np.asarray(sampled), np.asarray(expected).reshape(sampled.shape))
 
     decoded = jax.jit(lambda z: decode_video(module, params, z, chunk_size=chunk_size))(latents)
-    per_frame = jax.jit(lambda z: module.apply(variables, z, method=AutoencoderKL.decode))(mean)
+    unscaled = latents.reshape(mean.shape) / scale
+    per_frame = jax.jit(lambda z: module.apply(variables, z, method=AutoencoderKL.decode))(unscaled)
     assert decoded.shape == video.shape
     _assert_close("decode_video", np.asarray(decoded), np.asarray(per_frame).reshape(decoded.shape))
 
