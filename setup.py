@@ -41,5 +41,5 @@ setup(
             "open-clip-torch",
         ],
     },
-    entry_points={"console_scripts": ["st2v-convert=st2v_jax.convert:main"]},
+    entry_points={"console_scripts": ["st2v-convert=st2v_jax.convert.__main__:main"]},
 )

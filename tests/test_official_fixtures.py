@@ -11,7 +11,6 @@ import json
 import os
 import pathlib
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +21,6 @@ from st2v_jax.convert.mapping import convert_state_dict, torch_key_to_path
 from st2v_jax.convert.readers import open_weight_file
 from st2v_jax.convert.streaming import streaming_mapping
 from st2v_jax.models.apm import APMContextMixer
-from st2v_jax.models.cam import FrameEncoder
 from st2v_jax.models.streaming import StreamingConfig, StreamingUNet3D, streaming_abstract_params
 
 FIXTURES = pathlib.Path(os.environ.get("ST2V_FIXTURES", pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"))

@@ -12,7 +12,8 @@ from flax import traverse_util
 
 from st2v_jax.config_files import load_config_file
 from st2v_jax.models.streaming import StreamingConfig, StreamingUNet3D, streaming_abstract_params
-from st2v_jax.models.unet3d import UNet3D, UNet3DConfig, abstract_params
+from st2v_jax.models.layers import abstract_params
+from st2v_jax.models.unet3d import UNet3D, UNet3DConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

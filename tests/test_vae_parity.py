@@ -15,7 +15,7 @@ from diffusers import AutoencoderKL as TorchAutoencoderKL
 from st2v_jax.convert.mapping import convert_state_dict
 from st2v_jax.convert.readers import open_model_dir
 from st2v_jax.convert.vae import vae_mapping
-from st2v_jax.models.unet3d import abstract_params
+from st2v_jax.models.layers import abstract_params
 from st2v_jax.models.vae import AutoencoderKL, AutoencoderKLConfig, decode_video, encode_video
 
 HEIGHT, WIDTH = 24, 16  # non-square, so a transposed H/W shows up as a shape or value error

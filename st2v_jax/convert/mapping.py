@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import numpy as np
+import tqdm
 from flax import traverse_util
 
 Path = tuple[str, ...]
@@ -89,19 +90,21 @@ def convert_state_dict(
     *,
     ignore: Iterable[str] = (),
     dtype: Optional[np.dtype] = np.float32,
+    progress: Optional[str] = None,
 ) -> dict:
     """Converts every tensor of `state_dict` to the Flax params tree described by
     `abstract_params` (shapes, possibly boxed with logical axes). Tensors are read one at a
     time, so a lazily-read state dict is never held twice.
 
-    `ignore` lists key prefixes that belong to other models in the same file. Raises
-    ConversionError naming every unmapped, missing and mis-shaped key.
+    `ignore` lists key prefixes that belong to other models in the same file; `progress`,
+    if given, labels a progress bar. Raises ConversionError naming every unmapped, missing
+    and mis-shaped key.
     """
     expected = {path: leaf.shape for path, leaf in traverse_util.flatten_dict(nn.unbox(abstract_params)).items()}
     ignore = tuple(ignore)
     params: dict[Path, np.ndarray] = {}
     unmapped, misshaped, duplicated = [], [], []
-    for key in state_dict:
+    for key in tqdm.tqdm(state_dict, desc=progress, unit="tensor", disable=progress is None):
         if ignore and key.startswith(ignore):
             continue
         path = mapping(key)

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from st2v_jax.models.layers import Array, dense, layer_norm
+from st2v_jax.models.layers import Array, conv, dense, dot_product_attention, layer_norm
 
 
 def quick_gelu(x: Array) -> Array:
@@ -36,13 +36,6 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 # transformers keeps a pre-2023 pooling rule for configs whose eos_token_id is still the
 # wrong value 2: the EOS token is then found as the largest token id (true for CLIP's BPE).
 LEGACY_EOS_TOKEN_ID = 2
-
-
-def _attention(q: Array, k: Array, v: Array, heads: int, causal: bool) -> Array:
-    """Softmax attention, q/k/v (N, L, heads*d) -> (N, L, heads*d), scaled by 1/sqrt(d)."""
-    split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, t.shape[2] // heads)
-    out = jax.nn.dot_product_attention(split(q), split(k), split(v), is_causal=causal)
-    return out.reshape(q.shape)
 
 
 class SelfAttention(nn.Module):
@@ -64,10 +57,12 @@ class SelfAttention(nn.Module):
             q, k, v = jnp.split(dense(3 * width, name="in_proj")(x), 3, axis=-1)
         else:
             q, k, v = (dense(width, name=f"{name}_proj")(x) for name in "qkv")
-        return dense(width, name="out_proj")(_attention(q, k, v, self.heads, self.causal))
+        return dense(width, name="out_proj")(dot_product_attention(q, k, v, self.heads, is_causal=self.causal))
 
 
 class MLP(nn.Module):
+    """fc1 to `hidden`, activation, fc2 back to the input width."""
+
     hidden: int
     activation: str
 
@@ -97,6 +92,10 @@ class EncoderLayer(nn.Module):
 
 def _normal_init(stddev: float, axes: tuple[str, ...]) -> Callable:
     return nn.with_logical_partitioning(nn.initializers.normal(stddev), axes)
+
+
+def _non_positive(config: Any, *names: str) -> list[str]:
+    return [f"{name} must be a positive integer, got {getattr(config, name)!r}" for name in names if getattr(config, name) < 1]
 
 
 def _check_activation(activation: str, where: str) -> list[str]:
@@ -129,10 +128,21 @@ class CLIPTextConfig:
 
     def __post_init__(self) -> None:
         problems = _check_activation(self.hidden_act, "hidden_act")
-        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings")
-        problems += [f"{name} must be a positive integer, got {getattr(self, name)!r}" for name in sizes if getattr(self, name) < 1]
+        problems += _non_positive(
+            self,
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "max_position_embeddings",
+        )
         if self.num_attention_heads >= 1 and self.hidden_size % self.num_attention_heads:
-            problems.append(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+            problems.append(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
+        if not isinstance(self.eos_token_id, int):
+            problems.append(f"eos_token_id must be an integer (the pooled token), got {self.eos_token_id!r}")
         if self.projection_dim is not None and self.projection_dim < 1:
             problems.append(f"projection_dim must be None or a positive integer, got {self.projection_dim!r}")
         if problems:
@@ -173,7 +183,9 @@ class CLIPTextTransformer(nn.Module):
 
     def setup(self) -> None:
         cfg = self.config
-        self.token_embedding = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=_normal_init(0.02, ("vocab", "channels")))
+        self.token_embedding = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, embedding_init=_normal_init(0.02, ("vocab", "channels"))
+        )
         self.position_embedding = nn.Embed(
             cfg.max_position_embeddings, cfg.hidden_size, embedding_init=_normal_init(0.01, ("positions", "channels"))
         )
@@ -250,8 +262,7 @@ _VISION_DEFAULT_ONLY = {
 }
 # Settings that do not change the pooled embedding at inference: patch dropout is off in
 # eval mode; with 'tok' pooling, ln_post before or after pooling is the same per-token LN;
-# output_tokens only adds a second output; the pooler/timm fields belong to unused options;
-# a sin-cos positional table is stored in `positional_embedding` like a learned one.
+# output_tokens only adds a second output; the pooler/timm fields belong to unused options.
 _VISION_IGNORED = {
     "patch_dropout",
     "final_ln_after_pool",
@@ -265,6 +276,7 @@ _VISION_IGNORED = {
     "timm_drop",
     "timm_drop_path",
 }
+# A fixed sin-cos table is stored in `positional_embedding` just like a learned one.
 _POS_EMBED_TYPES = ("learnable", "sin_cos_2d")
 
 
@@ -291,9 +303,7 @@ class OpenCLIPVisionConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        problems = []
-        sizes = ("image_size", "patch_size", "width", "layers", "heads", "output_dim")
-        problems += [f"{name} must be a positive integer, got {getattr(self, name)!r}" for name in sizes if getattr(self, name) < 1]
+        problems = _non_positive(self, "image_size", "patch_size", "width", "layers", "heads", "output_dim")
         if self.patch_size >= 1 and self.image_size % self.patch_size:
             problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.heads >= 1 and self.width % self.heads:
@@ -324,7 +334,9 @@ class OpenCLIPVisionConfig:
             if vision.get(key, default) != default
         ]
         if vision.get("pos_embed_type", "learnable") not in _POS_EMBED_TYPES:
-            problems.append(f"vision_cfg pos_embed_type={vision['pos_embed_type']!r} is not supported (only {_POS_EMBED_TYPES})")
+            problems.append(
+                f"vision_cfg pos_embed_type={vision['pos_embed_type']!r} is not supported (only {_POS_EMBED_TYPES})"
+            )
         norm_kwargs = vision.get("norm_kwargs") or {}
         if set(norm_kwargs) - {"eps"}:
             problems.append(f"vision_cfg norm_kwargs {norm_kwargs} is not supported (only 'eps')")
@@ -369,18 +381,7 @@ class OpenCLIPVisionTransformer(nn.Module):
         if pixels.ndim != 4 or tuple(pixels.shape[1:]) != expected:
             raise ValueError(f"pixels must be (N, {', '.join(map(str, expected))}), got shape {pixels.shape}")
         scale = cfg.width**-0.5
-        # layers.conv always has a bias; open_clip's patch embedding has none.
-        patchify = nn.Conv(
-            cfg.width,
-            (cfg.patch_size, cfg.patch_size),
-            strides=cfg.patch_size,
-            padding="VALID",
-            use_bias=False,
-            kernel_init=nn.with_logical_partitioning(
-                nn.initializers.lecun_normal(), ("conv_taps", "conv_taps", "channels_in", "channels_out")
-            ),
-            name="conv1",
-        )
+        patchify = conv(cfg.width, (cfg.patch_size, cfg.patch_size), strides=cfg.patch_size, use_bias=False, name="conv1")
         class_embedding = self.param("class_embedding", _normal_init(scale, ("channels",)), (cfg.width,))
         positional_embedding = self.param(
             "positional_embedding", _normal_init(scale, ("positions", "channels")), (cfg.grid_size**2 + 1, cfg.width)

@@ -11,7 +11,7 @@ logical axis names (see `st2v_jax.parallel` for the mesh rules that map them):
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -47,16 +47,18 @@ def conv(
     *,
     strides: int | Sequence[int] = 1,
     padding: int | Sequence[int] = 0,
+    use_bias: bool = True,
     zero_init: bool = False,
     name: Optional[str] = None,
 ) -> nn.Conv:
-    """A convolution with symmetric zero padding (PyTorch semantics) and a bias."""
+    """A convolution with symmetric zero padding (PyTorch semantics)."""
     pads = [padding] * len(kernel_size) if isinstance(padding, int) else list(padding)
     return nn.Conv(
         features,
         tuple(kernel_size),
         strides=strides,
         padding=[(p, p) for p in pads],
+        use_bias=use_bias,
         kernel_init=_kernel_init(nn.initializers.lecun_normal(), len(kernel_size), zero_init),
         bias_init=_channels_init(nn.initializers.zeros_init()),
         name=name,
@@ -101,12 +103,13 @@ def layer_norm(epsilon: float = 1e-5, name: Optional[str] = None) -> nn.LayerNor
     )
 
 
-def dot_product_attention(q: Array, k: Array, v: Array, heads: int, scale: Optional[float] = None) -> Array:
-    """Multi-head softmax attention. q (N, Lq, heads*d), k/v (N, Lk, heads*d) -> (N, Lq, heads*d)."""
+def dot_product_attention(q: Array, k: Array, v: Array, heads: int, is_causal: bool = False) -> Array:
+    """Multi-head softmax attention scaled by 1/sqrt(d).
+    q (N, Lq, heads*d), k/v (N, Lk, heads*d) -> (N, Lq, heads*d)."""
     n, lq, width = q.shape
     d = width // heads
     split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, d)
-    out = jax.nn.dot_product_attention(split(q), split(k), split(v), scale=scale)
+    out = jax.nn.dot_product_attention(split(q), split(k), split(v), is_causal=is_causal)
     return out.reshape(n, lq, width)
 
 
@@ -282,3 +285,8 @@ def upsample_nearest(x: Array, size: tuple[int, int]) -> Array:
     rows = (jnp.arange(size[0]) * h_in) // size[0]
     cols = (jnp.arange(size[1]) * w_in) // size[1]
     return x[..., rows, :, :][..., cols, :]
+
+
+def abstract_params(module: nn.Module, *args: Any, method: Optional[Any] = None) -> Any:
+    """Parameter shapes/dtypes (boxed with logical axis names) without allocating anything."""
+    return jax.eval_shape(lambda: module.init(jax.random.key(0), *args, method=method))["params"]

@@ -14,7 +14,6 @@ import dataclasses
 from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from st2v_jax.models.layers import (
@@ -259,7 +258,3 @@ class UNet3D(nn.Module):
         h, skips, temb = self.encode(sample, timesteps, context)
         return self.decode(h, skips, temb, context)
 
-
-def abstract_params(module: nn.Module, *args: Any, method: Optional[Any] = None) -> Any:
-    """Parameter shapes/dtypes (boxed with logical axis names) without allocating anything."""
-    return jax.eval_shape(lambda: module.init(jax.random.key(0), *args, method=method))["params"]

@@ -8,7 +8,7 @@ are, with per-image statistics.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -239,11 +239,13 @@ class AutoencoderKL(nn.Module):
         return self.decode(self.encode(images)[0])
 
 
-def _map_frames_in_chunks(fn: Any, frames: Array, chunk_size: int) -> Any:
+def _map_frames_in_chunks(fn: Callable[[Array], Any], frames: Array, chunk_size: int) -> Any:
     """Applies `fn` (a batch of images -> a pytree of per-image arrays) to the frames of
     (B, F, ...) in sequential chunks of `chunk_size` images, so only one chunk's activations
     are alive at a time. The frame count is padded to a whole number of chunks and the padding
     cut from the results; every image is processed independently, so padding cannot leak."""
+    if frames.ndim != 5:
+        raise ValueError(f"expected a video (B, F, H, W, C), got shape {frames.shape}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     b, f = frames.shape[:2]

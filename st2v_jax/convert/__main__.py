@@ -1,0 +1,60 @@
+"""`python -m st2v_jax.convert`: PyTorch weights -> a verified st2v_jax checkpoint folder.
+
+  python -m st2v_jax.convert diffusers --model-dir text-to-video-ms-1.7b --out ckpt/ms-1.7b
+  python -m st2v_jax.convert official --checkpoint streaming_t2v.ckpt \
+      --base-model-dir text-to-video-ms-1.7b --out ckpt/streaming_t2v
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+from typing import Optional, Sequence
+
+from st2v_jax.checkpoint import save_converted
+from st2v_jax.config_files import load_config_file
+from st2v_jax.convert.sources import from_diffusers_dir, from_official_checkpoint
+
+
+def _streaming_configs(path: Optional[str]) -> Optional[dict]:
+    if path is None:
+        return None
+    config = json.loads(pathlib.Path(path).read_text()) if path.endswith(".json") else load_config_file(path).to_dict()
+    return {"streaming": config}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m st2v_jax.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="source", required=True)
+    diffusers = sub.add_parser("diffusers", help="a diffusers text-to-video folder (text-to-video-ms-1.7b layout)")
+    diffusers.add_argument("--model-dir", required=True, help="folder with model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/")
+    official = sub.add_parser("official", help="the official StreamingT2V checkpoint (streaming_t2v.ckpt or .safetensors)")
+    official.add_argument("--checkpoint", required=True, help="streaming_t2v.ckpt (torch zip) or a .safetensors with the same keys")
+    official.add_argument("--base-model-dir", help="text-to-video-ms-1.7b diffusers folder: adds the first-chunk UNet3D, tokenizer and scheduler")
+    official.add_argument("--config", help="streaming model config (.py with get_config() or .json); default: the official model")
+    for p in (diffusers, official):
+        p.add_argument("--out", required=True, help="output folder (written atomically)")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    out = pathlib.Path(args.out)
+    if out.exists() and not args.overwrite:
+        print(f"error: {out} already exists (use --overwrite to replace it)", file=sys.stderr)
+        return 2
+    start = time.time()
+    if args.source == "diffusers":
+        model = from_diffusers_dir(args.model_dir)
+    else:
+        model = from_official_checkpoint(args.checkpoint, _streaming_configs(args.config), args.base_model_dir)
+    save_converted(model, out, overwrite=args.overwrite)
+    print(f"converted {', '.join(model.params)} -> {out} in {time.time() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Configurations of the frozen components inside the official `streaming_t2v.ckpt`.
+
+The checkpoint stores weights only. Its VAE and text encoder are those of ModelScope
+text-to-video-ms-1.7b (the values of that repository's vae/ and text_encoder/
+config.json), its image encoder is OpenCLIP ViT-H/14 (open_clip's ViT-H-14 model config),
+and its streaming model is `configs/streaming_t2v.py` (= `StreamingConfig()` defaults).
+"""
+from __future__ import annotations
+
+MS_1_7B_VAE = {
+    "_class_name": "AutoencoderKL",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+
+MS_1_7B_TEXT_ENCODER = {
+    "architectures": ["CLIPTextModel"],
+    "model_type": "clip_text_model",
+    "vocab_size": 49408,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 23,
+    "num_attention_heads": 16,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-05,
+    "projection_dim": 512,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+}
+
+OPEN_CLIP_VIT_H_14 = {
+    "embed_dim": 1024,
+    "vision_cfg": {"image_size": 224, "layers": 32, "width": 1280, "head_width": 80, "patch_size": 14},
+}
+
+STREAMING_T2V = {
+    "unet": {
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ["CrossAttnDownBlock3D"] * 3 + ["DownBlock3D"],
+        "up_block_types": ["UpBlock3D"] + ["CrossAttnUpBlock3D"] * 3,
+        "block_out_channels": [320, 640, 1280, 1280],
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "norm_eps": 1e-5,
+        "cross_attention_dim": 1024,
+        "attention_head_dim": 64,
+    },
+    "streaming": {},
+}
