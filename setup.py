@@ -22,6 +22,8 @@ setup(
         "jax>=0.6",
         "flax>=0.10",
         "numpy",
+        # imageio-ffmpeg: mp4 writing with a bundled ffmpeg binary
+        "imageio-ffmpeg",
         # orbax: converted-checkpoint directories (params pytrees, sharded restore).
         "orbax-checkpoint",
         # safetensors: lazy, memory-mapped, code-free weight reading.

@@ -39,6 +39,12 @@ class CheckpointError(ValueError):
     """A converted checkpoint that is incomplete, corrupt, or does not match its config."""
 
 
+def _checkpointer() -> ocp.Checkpointer:
+    # One tensorstore array per parameter rather than OCDBT's shared files: saving then
+    # writes straight from the params' memory (OCDBT staged a full extra copy).
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False))
+
+
 def sha256_file(path: str | os.PathLike, block: int = 1 << 24) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -59,9 +65,7 @@ def save_converted(model: PretrainedModel, directory: str | os.PathLike, overwri
     directory = pathlib.Path(directory).absolute()
     sources = [{"name": p.name, "size": p.stat().st_size, "sha256": sha256_file(p)} for p in model.sources]
     with atomic_directory(directory, overwrite=overwrite) as tmp:
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(tmp / PARAMS_DIR, model.params)
-        checkpointer.wait_until_finished()
+        _checkpointer().save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(model.params))
         for relative, source in model.files.items():
             (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, tmp / relative)
@@ -147,7 +151,7 @@ def load_converted(
     manifest = read_manifest(directory)
     verify_files(directory, manifest, checksums)
     verify_configs(manifest, configs)
-    params = ocp.StandardCheckpointer().restore(directory / PARAMS_DIR)
+    params = _checkpointer().restore(directory / PARAMS_DIR)
     final_configs = {name: (configs or {}).get(name, entry["config"]) for name, entry in manifest["components"].items()}
     files = {relative: directory / relative for relative in manifest["files"] if not relative.startswith((PARAMS_DIR + "/", MANIFEST))}
     return PretrainedModel(final_configs, params, files)

@@ -21,7 +21,8 @@ from st2v_jax.convert.mapping import convert_state_dict, torch_key_to_path
 from st2v_jax.convert.readers import open_weight_file
 from st2v_jax.convert.streaming import streaming_mapping
 from st2v_jax.models.apm import APMContextMixer
-from st2v_jax.models.streaming import StreamingConfig, StreamingUNet3D, streaming_abstract_params
+from st2v_jax.convert.components import COMPONENTS
+from st2v_jax.models.streaming import StreamingConfig, StreamingUNet3D
 
 FIXTURES = pathlib.Path(os.environ.get("ST2V_FIXTURES", pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
 SETS = sorted(p for p in FIXTURES.glob("*") if (p / "io.npz").is_file()) if FIXTURES.is_dir() else []
@@ -72,7 +73,7 @@ def fixture_set(request):
     config = StreamingConfig.from_dict(json.loads((root / "config.json").read_text()))
     io = dict(np.load(root / "io.npz"))
     latents = _latent(io["latents"])
-    abstract = streaming_abstract_params(config, latents.shape[2:4])
+    abstract = COMPONENTS["streaming"].abstract_params(config)
     params = convert_state_dict(open_weight_file(root / "state_dict.safetensors"), streaming_mapping(), abstract)
     model = StreamingUNet3D(config)
     run = jax.jit(

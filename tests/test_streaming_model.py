@@ -11,7 +11,8 @@ import pytest
 from flax import traverse_util
 
 from st2v_jax.config_files import load_config_file
-from st2v_jax.models.streaming import StreamingConfig, StreamingUNet3D, streaming_abstract_params
+from st2v_jax.convert.components import COMPONENTS
+from st2v_jax.models.streaming import StreamingConfig, StreamingUNet3D
 from st2v_jax.models.layers import abstract_params
 from st2v_jax.models.unet3d import UNet3D, UNet3DConfig
 
@@ -28,7 +29,7 @@ def test_official_config_file_is_the_default():
 
 
 def test_full_size_parameter_counts_without_allocation():
-    params = streaming_abstract_params(StreamingConfig())
+    params = COMPONENTS["streaming"].abstract_params(StreamingConfig())
     base_with_extras = _count(params["base"]) + _count(params["mid_merger"]) + sum(
         _count(v) for k, v in params.items() if k.startswith("skip_mergers_")
     )

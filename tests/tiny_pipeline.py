@@ -10,7 +10,8 @@ import json
 import pathlib
 
 import torch
-from tokenizers import pre_tokenizers
+
+from st2v_jax.tokenizer import write_byte_level_tokenizer
 
 UNET_KWARGS = dict(
     block_out_channels=(32, 64),
@@ -34,26 +35,6 @@ TEXT_KWARGS = dict(
     vocab_size=520, bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77
 )
 MERGES = [("r", "e"), ("re", "d</w>"), ("c", "i"), ("b", "l"), ("bl", "u"), ("blu", "e</w>")]
-
-
-def write_tokenizer(directory: pathlib.Path) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokens = ["<|startoftext|>", "<|endoftext|>"] + alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in MERGES]
-    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in MERGES))
-    (directory / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "CLIPTokenizer",
-                "model_max_length": 77,
-                "bos_token": "<|startoftext|>",
-                "eos_token": "<|endoftext|>",
-                "unk_token": "<|endoftext|>",
-                "pad_token": "<|endoftext|>",
-            }
-        )
-    )
 
 
 def _perturb(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -81,7 +62,7 @@ def make_tiny_text_to_video(directory: pathlib.Path, seed: int = 0) -> dict:
     DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1
     ).save_pretrained(directory / "scheduler")
-    write_tokenizer(directory / "tokenizer")
+    write_byte_level_tokenizer(directory / "tokenizer", MERGES)
     (directory / "model_index.json").write_text(
         json.dumps(
             {

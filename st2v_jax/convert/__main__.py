@@ -3,6 +3,7 @@
   python -m st2v_jax.convert diffusers --model-dir text-to-video-ms-1.7b --out ckpt/ms-1.7b
   python -m st2v_jax.convert official --checkpoint streaming_t2v.ckpt \
       --base-model-dir text-to-video-ms-1.7b --out ckpt/streaming_t2v
+  python -m st2v_jax.convert random --config configs/tiny_random.py --out ckpt/tiny-random
 """
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ import argparse
 import json
 import pathlib
 import sys
+import tempfile
 import time
 from typing import Optional, Sequence
 
 from st2v_jax.checkpoint import save_converted
 from st2v_jax.config_files import load_config_file
+from st2v_jax.convert.components import random_pretrained
+from st2v_jax.convert.official_configs import MS_1_7B_SCHEDULER
 from st2v_jax.convert.sources import from_diffusers_dir, from_official_checkpoint
+from st2v_jax.tokenizer import write_byte_level_tokenizer
 
 
 def _streaming_configs(path: Optional[str]) -> Optional[dict]:
@@ -23,6 +28,15 @@ def _streaming_configs(path: Optional[str]) -> Optional[dict]:
         return None
     config = json.loads(pathlib.Path(path).read_text()) if path.endswith(".json") else load_config_file(path).to_dict()
     return {"streaming": config}
+
+
+def _default_files(scratch: pathlib.Path) -> dict[str, pathlib.Path]:
+    """A byte-level tokenizer and ModelScope's scheduler config for a random model."""
+    tokenizer = write_byte_level_tokenizer(scratch / "tokenizer")
+    (scratch / "scheduler_config.json").write_text(json.dumps(MS_1_7B_SCHEDULER))
+    files = {f"tokenizer/{p.name}": p for p in tokenizer.iterdir()}
+    files["scheduler/scheduler_config.json"] = scratch / "scheduler_config.json"
+    return files
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,7 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     official.add_argument("--checkpoint", required=True, help="streaming_t2v.ckpt (torch zip) or a .safetensors with the same keys")
     official.add_argument("--base-model-dir", help="text-to-video-ms-1.7b diffusers folder: adds the first-chunk UNet3D, tokenizer and scheduler")
     official.add_argument("--config", help="streaming model config (.py with get_config() or .json); default: the official model")
-    for p in (diffusers, official):
+    random = sub.add_parser("random", help="random weights for a config (tests, smoke runs): NOT a trained model")
+    random.add_argument("--config", required=True, help="component configs (.py with get_config(), e.g. configs/tiny_random.py)")
+    random.add_argument("--seed", type=int, default=0)
+    for p in (diffusers, official, random):
         p.add_argument("--out", required=True, help="output folder (written atomically)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     return parser
@@ -47,11 +64,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {out} already exists (use --overwrite to replace it)", file=sys.stderr)
         return 2
     start = time.time()
-    if args.source == "diffusers":
-        model = from_diffusers_dir(args.model_dir)
-    else:
-        model = from_official_checkpoint(args.checkpoint, _streaming_configs(args.config), args.base_model_dir)
-    save_converted(model, out, overwrite=args.overwrite)
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.source == "diffusers":
+            model = from_diffusers_dir(args.model_dir)
+        elif args.source == "official":
+            model = from_official_checkpoint(args.checkpoint, _streaming_configs(args.config), args.base_model_dir)
+        else:
+            model = random_pretrained(load_config_file(args.config).to_dict(), args.seed)
+            model.files = _default_files(pathlib.Path(scratch))
+        save_converted(model, out, overwrite=args.overwrite)
     print(f"converted {', '.join(model.params)} -> {out} in {time.time() - start:.1f} s")
     return 0
 

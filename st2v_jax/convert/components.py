@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from st2v_jax.models.clip import CLIPTextConfig, CLIPTextTransformer, OpenCLIPVisionConfig, OpenCLIPVisionTransformer
-from st2v_jax.models.streaming import StreamingConfig, StreamingUNet3D, streaming_abstract_params
-from st2v_jax.models.layers import abstract_params
+from st2v_jax.models.streaming import StreamingConfig, StreamingUNet3D
 from st2v_jax.models.unet3d import UNet3D, UNet3DConfig
 from st2v_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
 
@@ -26,62 +26,78 @@ class Component:
     description: str
     parse_config: Callable[[Mapping[str, Any]], Any]
     build: Callable[[Any], nn.Module]
-    abstract_params: Callable[[Any], Any]
+    # Smallest valid inputs for `init`, and the method that touches every parameter.
+    example_inputs: Callable[[Any], tuple]
+    init_method: Optional[Callable] = None
+
+    def init_params(self, config: Any, key: jax.Array) -> Any:
+        """Freshly initialised params (boxed with logical axis names)."""
+        inputs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in self.example_inputs(config)]
+        # lazy_init computes only what the parameters need, not the forward pass; run eagerly,
+        # as compiling a whole network's init takes minutes on a CPU.
+        return self.build(config).lazy_init(key, *inputs, method=self.init_method)["params"]
+
+    def abstract_params(self, config: Any) -> Any:
+        """Shapes and logical axes of every parameter, without allocating."""
+        return jax.eval_shape(lambda: self.init_params(config, jax.random.key(0)))
 
 
-def _unet_params(config: UNet3DConfig) -> Any:
-    size = 2 ** (len(config.block_out_channels) - 1)
-    return abstract_params(
-        UNet3D(config),
+def _smallest_size(block_out_channels: tuple[int, ...]) -> int:
+    return 2 ** (len(block_out_channels) - 1)
+
+
+def _unet_inputs(config: UNet3DConfig) -> tuple:
+    size = _smallest_size(config.block_out_channels)
+    return (
         jnp.zeros((1, 2, size, size, config.in_channels)),
         jnp.zeros((), jnp.int32),
         jnp.zeros((1, 1, config.cross_attention_dim)),
     )
 
 
-def _streaming_params(config: StreamingConfig) -> Any:
-    size = 2 ** (len(config.unet.block_out_channels) - 1)
-    return streaming_abstract_params(config, (size, size))
+def _streaming_inputs(config: StreamingConfig) -> tuple:
+    size = _smallest_size(config.unet.block_out_channels)
+    pixels = size * 2 ** (len(config.cam_conditioning_widths) - 1)
+    return (
+        jnp.zeros((1, config.num_frames, size, size, config.unet.in_channels)),
+        jnp.zeros((), jnp.int32),
+        jnp.zeros((1, config.text_tokens, config.unet.cross_attention_dim)),
+        jnp.zeros((1, 1, config.image_embed_dim)),
+        jnp.zeros((1, config.cam_frames, pixels, pixels, 3)),
+    )
 
 
-def _vae_params(config: AutoencoderKLConfig) -> Any:
-    size = 2 ** (len(config.block_out_channels) - 1)
-    return abstract_params(AutoencoderKL(config), jnp.zeros((1, size, size, config.in_channels)))
-
-
-def _text_params(config: CLIPTextConfig) -> Any:
-    return abstract_params(CLIPTextTransformer(config), jnp.zeros((1, config.max_position_embeddings), jnp.int32))
-
-
-def _image_params(config: OpenCLIPVisionConfig) -> Any:
-    return abstract_params(OpenCLIPVisionTransformer(config), jnp.zeros((1, config.image_size, config.image_size, 3)))
+def _vae_inputs(config: AutoencoderKLConfig) -> tuple:
+    size = _smallest_size(config.block_out_channels)
+    return (jnp.zeros((1, size, size, config.in_channels)),)
 
 
 COMPONENTS: dict[str, Component] = {
     c.name: c
     for c in (
-        Component("unet", "text-to-video UNet3D (diffusers unet/config.json)", UNet3DConfig.from_diffusers, UNet3D, _unet_params),
+        Component("unet", "text-to-video UNet3D (diffusers unet/config.json)", UNet3DConfig.from_diffusers, UNet3D, _unet_inputs),
         Component(
             "streaming",
             "StreamingT2V UNet3D + CAM + APM ({'unet': ..., 'streaming': ...})",
             StreamingConfig.from_dict,
             StreamingUNet3D,
-            _streaming_params,
+            _streaming_inputs,
+            StreamingUNet3D.predict,
         ),
-        Component("vae", "AutoencoderKL (diffusers vae/config.json)", AutoencoderKLConfig.from_diffusers, AutoencoderKL, _vae_params),
+        Component("vae", "AutoencoderKL (diffusers vae/config.json)", AutoencoderKLConfig.from_diffusers, AutoencoderKL, _vae_inputs),
         Component(
             "text_encoder",
             "CLIP text tower (transformers text_encoder/config.json)",
             CLIPTextConfig.from_transformers,
             CLIPTextTransformer,
-            _text_params,
+            lambda c: (jnp.zeros((1, c.max_position_embeddings), jnp.int32),),
         ),
         Component(
             "image_encoder",
             "OpenCLIP vision tower (open_clip model config)",
             OpenCLIPVisionConfig.from_open_clip,
             OpenCLIPVisionTransformer,
-            _image_params,
+            lambda c: (jnp.zeros((1, c.image_size, c.image_size, 3)),),
         ),
     )
 }
@@ -109,3 +125,14 @@ class PretrainedModel:
     def module(self, component: str) -> nn.Module:
         """The Flax module of a component; apply it with `self.params[component]`."""
         return COMPONENTS[component].build(self.config(component))
+
+
+def random_pretrained(configs: Mapping[str, dict], seed: int = 0) -> PretrainedModel:
+    """A model with freshly initialised params for every component in `configs`."""
+    # The rbg generator: its initialisers run several times faster than threefry's on CPU.
+    keys = jax.random.split(jax.random.key(seed, impl="unsafe_rbg"), len(configs))
+    params = {
+        name: nn.unbox(COMPONENTS[name].init_params(COMPONENTS[name].parse_config(config), key))
+        for (name, config), key in zip(configs.items(), keys)
+    }
+    return PretrainedModel(dict(configs), params)

@@ -13,6 +13,7 @@ import re
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import flax.linen as nn
+import jax
 import numpy as np
 import tqdm
 from flax import traverse_util
@@ -119,8 +120,9 @@ def convert_state_dict(
         elif tuple(array.shape) != tuple(expected[flax_path]):
             misshaped.append(f"{key}: {tuple(array.shape)} in flax layout, expected {tuple(expected[flax_path])}")
         else:
-            # An owned C-order copy (np.ascontiguousarray would turn 0-d scalars into 1-d).
-            params[flax_path] = np.array(array, dtype=dtype or array.dtype, order="C")
+            # An owned C-order copy (np.ascontiguousarray would turn 0-d scalars into 1-d), held
+            # as a host-memory jax array so that orbax can save it without another copy.
+            params[flax_path] = jax.device_put(np.array(array, dtype=dtype or array.dtype, order="C"), jax.devices("cpu")[0])
     missing = sorted("/".join(p) for p in expected if p not in params)
     problems = [
         (title, items)

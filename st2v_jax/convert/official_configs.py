@@ -59,3 +59,16 @@ STREAMING_T2V = {
     },
     "streaming": {},
 }
+
+# ModelScope text-to-video-ms-1.7b's scheduler_config.json: used when a model ships none.
+MS_1_7B_SCHEDULER = {
+    "_class_name": "DDIMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+}

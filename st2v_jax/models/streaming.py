@@ -19,7 +19,6 @@ import jax.numpy as jnp
 from st2v_jax.models.apm import APMContextMixer, ImageTokenResampler
 from st2v_jax.models.cam import CAMEncoder, SkipMerger
 from st2v_jax.models.layers import Array
-from st2v_jax.models.layers import abstract_params
 from st2v_jax.models.unet3d import UNet3D, UNet3DConfig
 
 
@@ -131,17 +130,3 @@ class StreamingUNet3D(nn.Module):
         """eps from text embeddings and the anchor's image embedding (builds the context)."""
         return self(latents, timesteps, self.build_context(text_embeds, image_embeds), cond_frames)
 
-
-def streaming_abstract_params(config: StreamingConfig, latent_size: tuple[int, int] = (32, 32)) -> Any:
-    """Every parameter's shape and logical axes, without allocating (batch 1, one chunk)."""
-    h, w = latent_size
-    pixels_per_latent = 2 ** (len(config.cam_conditioning_widths) - 1)
-    model = StreamingUNet3D(config)
-    args = (
-        jnp.zeros((1, config.num_frames, h, w, config.unet.in_channels)),
-        jnp.zeros((), jnp.int32),
-        jnp.zeros((1, config.text_tokens, config.unet.cross_attention_dim)),
-        jnp.zeros((1, 1, config.image_embed_dim)),
-        jnp.zeros((1, config.cam_frames, pixels_per_latent * h, pixels_per_latent * w, 3)),
-    )
-    return abstract_params(model, *args, method=StreamingUNet3D.predict)

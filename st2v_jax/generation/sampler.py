@@ -1,0 +1,144 @@
+"""The StreamingT2V sampling loops, as pure jitted functions of (params, inputs).
+
+* `first_chunk`: the initialisation chunk from text only, with the plain UNet3D and
+  DPM-Solver++ (the release uses text-to-video-ms-1.7b for it), whole loop under one jit.
+* `chunk_step`: ONE streaming chunk, `(carry, (chunk index, text)) -> (carry, frames)`.
+  The carry is the last conditioning frames in pixel space; a chunk's randomness comes from
+  (seed, chunk index) alone, so chunks can be computed in any grouping and resumed.
+* `sample_scan`: `lax.scan` of the chunk step over all chunks, compiled once whatever the
+  length. `sample_stream`: the same jitted step in a Python loop that hands out each
+  chunk's frames as soon as they exist. Both give identical frames.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from st2v_jax.diffusion.guidance import Guidance, combine_guidance, guidance_contexts, repeat_for_branches
+from st2v_jax.diffusion.solvers import ddim_step, ddim_timesteps, dpm_solver_init, dpm_solver_initial_state, dpm_step
+from st2v_jax.generation.pipeline import StreamingT2VPipeline, to_uint8
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    """Release defaults: streaming DDIM 50 steps, eta 1, guidance 7.5; first chunk DPM-Solver++
+    50 steps, guidance 9. `anchor_guidance` switches to the paper's two-weight guidance."""
+
+    num_frames: int = 80
+    steps: int = 50
+    guidance: float = 7.5
+    anchor_guidance: Optional[float] = None
+    eta: float = 1.0
+    init_steps: int = 50
+    init_guidance: float = 9.0
+    seed: int = 0
+    height: int = 256
+    width: int = 256
+
+    @property
+    def guidance_rule(self) -> Guidance:
+        return Guidance(self.guidance, self.anchor_guidance)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StreamingConstants:
+    """Per-video inputs every chunk shares."""
+
+    negative_text: Array  # (B, 77, D)
+    anchor_tokens: Array  # (B, image tokens, D): APM tokens of the anchor frame
+    null_anchor_tokens: Array  # (B, image tokens, D): APM tokens of a mid-grey frame
+
+
+def _chunk_key(seed: int, chunk_index: Array) -> Array:
+    return jax.random.fold_in(jax.random.key(seed), chunk_index)
+
+
+def _latent_shape(pipe: StreamingT2VPipeline, settings: SamplingSettings, batch: int) -> tuple[int, ...]:
+    d = pipe.vae_downscale
+    return (batch, pipe.frames_per_chunk, settings.height // d, settings.width // d, pipe.config["unet"].in_channels)
+
+
+def make_first_chunk(pipe: StreamingT2VPipeline, settings: SamplingSettings) -> Callable[[Any, Array, Array], Array]:
+    """jitted (params, text (B,77,D), negative (B,77,D)) -> frames (B, F, H, W, 3) in [-1, 1]."""
+    schedule = pipe.init_schedule()
+    dpm = dpm_solver_init(schedule, settings.init_steps, algorithm_type="dpmsolver++", solver_order=2)
+    unet = pipe.modules["unet"]
+    scale = settings.init_guidance
+
+    def run(params: Any, text: Array, negative: Array) -> Array:
+        key = _chunk_key(settings.seed, 0)
+        latents = jax.random.normal(key, _latent_shape(pipe, settings, text.shape[0]))
+        context = jnp.concatenate([negative, text], axis=0)
+
+        def step(carry, _):
+            x, state = carry
+            t = dpm.timesteps[state.step_index]
+            uncond, cond = jnp.split(unet.apply({"params": params["unet"]}, jnp.concatenate([x, x]), t, context), 2)
+            x, state = dpm_step(dpm, state, uncond + scale * (cond - uncond), x)
+            return (x, state), None
+
+        (latents, _), _ = jax.lax.scan(step, (latents, dpm_solver_initial_state(latents.shape)), length=settings.init_steps)
+        return pipe.decode(latents)
+
+    return jax.jit(run)
+
+
+def make_chunk_step(pipe: StreamingT2VPipeline, settings: SamplingSettings) -> Callable:
+    """`(params, constants, cond_frames, (chunk_index, text)) -> (cond_frames', new uint8 frames)`.
+
+    cond_frames: (B, Fc, H, W, 3) in [-1, 1], the last frames of the previous chunk.
+    """
+    schedule = pipe.streaming_schedule()
+    timesteps, previous = ddim_timesteps(schedule, settings.steps)
+    rule = settings.guidance_rule
+    streaming = pipe.modules["streaming"]
+    cam_frames, new_frames = pipe.cam_frames, pipe.new_frames_per_chunk
+    decoded = max(cam_frames, new_frames)
+
+    def step(params: Any, constants: StreamingConstants, cond_frames: Array, xs: tuple[Array, Array]):
+        chunk_index, text = xs
+        latent_key, noise_key = jax.random.split(_chunk_key(settings.seed, chunk_index))
+        latents = jax.random.normal(latent_key, _latent_shape(pipe, settings, text.shape[0]))
+        contexts = guidance_contexts(rule, text, constants.negative_text, constants.anchor_tokens, constants.null_anchor_tokens)
+        cond = repeat_for_branches(rule, cond_frames)
+
+        def denoise(x, step_inputs):
+            i, t, prev_t = step_inputs
+            eps = streaming.apply({"params": params["streaming"]}, repeat_for_branches(rule, x), t, contexts, cond)
+            noise = jax.random.normal(jax.random.fold_in(noise_key, i), x.shape)
+            return ddim_step(schedule, combine_guidance(rule, eps), t, prev_t, x, settings.eta, noise), None
+
+        steps = (jnp.arange(settings.steps), jnp.asarray(timesteps), jnp.asarray(previous))
+        latents, _ = jax.lax.scan(denoise, latents, steps)
+        frames = pipe.decode(latents[:, -decoded:])
+        return frames[:, -cam_frames:], to_uint8(frames[:, -new_frames:])
+
+    return step
+
+
+def streaming_constants(pipe: StreamingT2VPipeline, anchor_embedding: Array, negative_text: Array) -> StreamingConstants:
+    """APM tokens of the anchor's embedding (B, Fa, D) and of a mid-grey frame's."""
+    null = pipe.null_anchor_embedding(*anchor_embedding.shape[:2])
+    return StreamingConstants(negative_text, pipe.anchor_tokens(anchor_embedding), pipe.anchor_tokens(null))
+
+
+def sample_scan(step: Callable, params: Any, constants: StreamingConstants, cond_frames: Array, chunk_indices: Array, texts: Array):
+    """All chunks with one `lax.scan` -> (final cond frames, frames (chunks, B, new, H, W, 3))."""
+    return jax.lax.scan(lambda carry, xs: step(params, constants, carry, xs), cond_frames, (chunk_indices, texts))
+
+
+def sample_stream(
+    step: Callable, params: Any, constants: StreamingConstants, cond_frames: Array, chunk_indices: np.ndarray, texts: Array
+) -> Iterator[tuple[int, Array, Array]]:
+    """Yields (chunk index, cond frames after it, its new uint8 frames) one chunk at a time."""
+    jitted = jax.jit(step)
+    for i, chunk_index in enumerate(chunk_indices):
+        cond_frames, frames = jitted(params, constants, cond_frames, (jnp.asarray(chunk_index), texts[i]))
+        yield int(chunk_index), cond_frames, frames

@@ -1,0 +1,273 @@
+"""`python -m st2v_jax.sample`: text (or a storyboard) -> a long video, streamed to an mp4.
+
+  python -m st2v_jax.sample --model-dir ckpt/streaming_t2v --prompt "a cat surfing" --num-frames 240 --out cat.mp4
+
+Every check that can fail runs before the model is loaded. The mp4 grows chunk by chunk; an
+interrupted run (Ctrl-C, SIGTERM, crash) leaves a playable video and a resumable state,
+and `--resume` with the same arguments finishes exactly the video an uninterrupted run
+would have made.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import tempfile
+import warnings
+from typing import Optional, Sequence
+
+import numpy as np
+
+import st2v_jax
+from st2v_jax.generation.long_video import StoryboardEntry
+
+_DEFAULT_CHUNK = (16, 8)  # (frames per chunk, new frames per chunk) of the official model
+
+
+class UsageError(ValueError):
+    """Bad command-line input; reported without a traceback."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m st2v_jax.sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="the text of the whole video")
+    what.add_argument("--storyboard", help="a prompt per segment: JSON [{\"prompt\": ..., \"frames\": N}, ...] or text lines 'N: prompt'")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--num-frames", type=int, default=80, help="16 + 8*n (with --prompt)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps per streaming chunk")
+    p.add_argument("--init-steps", type=int, default=50, help="DPM-Solver++ steps of the first chunk")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance of the streaming chunks")
+    p.add_argument("--anchor-guidance", type=float, default=None, help="paper's separate anchor guidance weight (default: the release's single weight)")
+    p.add_argument("--init-guidance", type=float, default=9.0, help="guidance of the first chunk")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta")
+    p.add_argument("--model-dir", required=True, help="converted st2v_jax folder, diffusers folder, official checkpoint file, or a hub repo id")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--out", default="outputs/video.mp4", help="mp4 path; a JSON sidecar and a .resume/ state sit beside it")
+    p.add_argument("--fps", type=float, default=8.0)
+    p.add_argument("--png-dir", default=None, help="also write every frame as a PNG here")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run with the same arguments")
+    p.add_argument("--whole-video", action="store_true", help="generate all chunks in one compiled lax.scan, then write (no partial output)")
+    refine = p.add_argument_group("refinement (randomized blending with a diffusers-layout text-to-video refiner)")
+    refine.add_argument("--refine", action=argparse.BooleanOptionalAction, default=False, help="refine the preview video")
+    refine.add_argument("--refiner-dir", help="the refiner model: converted or diffusers folder (e.g. zeroscope_v2_XL)")
+    refine.add_argument("--refiner-chunk", type=int, default=24)
+    refine.add_argument("--refiner-overlap", type=int, default=8)
+    refine.add_argument("--refiner-strength", type=float, default=0.6, help="noise level to refine from (0.6: timestep ~600 of 1000)")
+    refine.add_argument("--refiner-steps", type=int, default=50)
+    refine.add_argument("--refiner-guidance", type=float, default=7.5)
+    refine.add_argument("--refiner-height", type=int, default=720)
+    refine.add_argument("--refiner-width", type=int, default=720)
+    refine.add_argument("--refiner-chunks-per-batch", type=int, default=1, help="chunks denoised together (memory vs speed)")
+    p.add_argument("--skip-checksums", action="store_true", help="verify converted weights by size only (faster start)")
+    return p
+
+
+def parse_storyboard(text: str, source: str) -> list[StoryboardEntry]:
+    """JSON list of {"prompt", "frames"} or lines 'FRAMES: prompt' (blank lines and # comments skipped)."""
+    stripped = text.strip()
+    entries = []
+    if stripped.startswith("["):
+        try:
+            items = json.loads(stripped)
+            entries = [StoryboardEntry(str(item["prompt"]), int(item["frames"])) for item in items]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise UsageError(f"{source}: not a storyboard ({err}); expected [{{\"prompt\": \"...\", \"frames\": 48}}, ...]") from None
+    else:
+        for number, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            frames, sep, prompt = line.partition(":")
+            if not sep or not frames.strip().isdigit():
+                raise UsageError(f"{source} line {number}: expected 'FRAMES: prompt', got {line!r}")
+            entries.append(StoryboardEntry(prompt.strip(), int(frames)))
+    if not entries:
+        raise UsageError(f"{source}: the storyboard is empty")
+    for entry in entries:
+        if not entry.prompt.strip():
+            raise UsageError(f"{source}: a storyboard entry has an empty prompt")
+        if entry.frames <= 0:
+            raise UsageError(f"{source}: frame counts must be positive (got {entry.frames})")
+    return entries
+
+
+def _check_frame_count(total: int, chunk: tuple[int, int]) -> None:
+    frames, new = chunk
+    if total < frames or (total - frames) % new:
+        n = max(0, round((total - frames) / new))
+        nearest = sorted({frames + new * k for k in (max(0, n - 1), n, n + 1)})
+        raise UsageError(f"{total} frames cannot be made: videos have {frames} + {new}*n frames; nearest valid counts: {nearest}")
+
+
+def _check_writable(out: pathlib.Path) -> None:
+    if out.suffix.lower() != ".mp4":
+        raise UsageError(f"--out {out}: the video is written as mp4; give a path ending in .mp4")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".st2v-write-test-"):
+            pass
+    except OSError as err:
+        raise UsageError(f"--out {out}: cannot write to {out.parent} ({err.strerror or err})") from None
+
+
+def _resolve_model(model_dir: str) -> pathlib.Path:
+    path = pathlib.Path(model_dir)
+    if path.exists():
+        return path
+    if model_dir.count("/") == 1 and not model_dir.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return pathlib.Path(snapshot_download(model_dir))
+        except Exception as err:  # offline, unknown repo, no access: all end the same way
+            raise UsageError(
+                f"--model-dir {model_dir}: not a local path, and fetching it from the Hugging Face hub failed "
+                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Offline, download it elsewhere "
+                "and pass the local folder."
+            ) from None
+    raise UsageError(f"--model-dir {model_dir}: no such file or folder")
+
+
+def _chunk_layout(model_path: pathlib.Path) -> tuple[int, int]:
+    """(frames per chunk, new frames per chunk) from a converted folder's manifest, without loading weights."""
+    from st2v_jax.checkpoint import MANIFEST, read_manifest
+    from st2v_jax.models.streaming import StreamingConfig
+
+    if not (model_path / MANIFEST).is_file():
+        return _DEFAULT_CHUNK
+    components = read_manifest(model_path)["components"]
+    if "streaming" not in components:
+        return _DEFAULT_CHUNK
+    config = StreamingConfig.from_dict(components["streaming"]["config"])
+    return config.num_frames, config.num_frames - config.cam_frames
+
+
+def _refiner_config(args: argparse.Namespace, num_frames: int):
+    if not args.refine:
+        return None
+    from st2v_jax.generation.refiner import RefinerConfig
+
+    if not args.refiner_dir:
+        raise UsageError("--refine needs --refiner-dir (a text-to-video model to refine with)")
+    if not pathlib.Path(args.refiner_dir).exists():
+        raise UsageError(f"--refiner-dir {args.refiner_dir}: no such file or folder")
+    try:
+        config = RefinerConfig(
+            chunk=args.refiner_chunk, overlap=args.refiner_overlap, strength=args.refiner_strength,
+            num_inference_steps=args.refiner_steps, chunks_per_batch=args.refiner_chunks_per_batch,
+            height=args.refiner_height, width=args.refiner_width,
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if num_frames < config.chunk:
+        raise UsageError(f"--refiner-chunk {config.chunk} is longer than the video ({num_frames} frames)")
+    return config
+
+
+def preview_path(out: pathlib.Path) -> pathlib.Path:
+    """Where the low-resolution video goes when `out` receives the refined one."""
+    return out.with_name(out.stem + ".preview.mp4")
+
+
+def run(argv: Optional[Sequence[str]] = None) -> pathlib.Path:
+    args = _parser().parse_args(argv)
+    # --- cheap checks, before any model is loaded
+    if args.storyboard is not None:
+        path = pathlib.Path(args.storyboard)
+        if not path.is_file():
+            raise UsageError(f"--storyboard {path}: no such file")
+        storyboard = parse_storyboard(path.read_text(), str(path))
+    else:
+        if not args.prompt.strip():
+            raise UsageError("--prompt is empty; describe the video to generate")
+        storyboard = [StoryboardEntry(args.prompt, args.num_frames)]
+    num_frames = sum(entry.frames for entry in storyboard)
+    out = pathlib.Path(args.out)
+    _check_writable(out)
+    model_path = _resolve_model(args.model_dir)
+    _check_frame_count(num_frames, _chunk_layout(model_path))
+    refiner_config = _refiner_config(args, num_frames)
+    from st2v_jax.generation.run_state import RunState, resume_directory_for
+    from st2v_jax.generation.video_writer import check_free_space, estimate_output_bytes
+
+    state_dir = resume_directory_for(preview_path(out) if refiner_config else out)
+    if args.resume and not (state_dir / "state.json").is_file():
+        raise UsageError(f"--resume: no interrupted run to resume at {state_dir}")
+    # --- the model
+    from st2v_jax.generation.long_video import chunk_prompts, encode_prompts, generate_long_video, generate_whole_video
+    from st2v_jax.generation.pipeline import StreamingT2VPipeline
+    from st2v_jax.generation.sampler import SamplingSettings
+
+    pipe = StreamingT2VPipeline.from_pretrained(model_path, checksums=not args.skip_checksums)
+    default_h, default_w = pipe.default_resolution()
+    settings = SamplingSettings(
+        num_frames=num_frames, steps=args.steps, guidance=args.guidance, anchor_guidance=args.anchor_guidance, eta=args.eta,
+        init_steps=args.init_steps, init_guidance=args.init_guidance, seed=args.seed,
+        height=args.height or default_h, width=args.width or default_w,
+    )
+    multiple = pipe.vae_downscale * 2 ** (len(pipe.config["unet"].block_out_channels) - 1)
+    if settings.height % multiple or settings.width % multiple:
+        raise UsageError(f"--height/--width must be multiples of {multiple} for this model (got {settings.height}x{settings.width})")
+    check_free_space(out, estimate_output_bytes(num_frames, settings.height, settings.width, png=args.png_dir is not None, keep_frame_store=True))
+    prompts = chunk_prompts(pipe, storyboard)
+    for prompt, (_, cut) in zip(sorted(set(prompts)), [pipe.tokenize([p]) for p in sorted(set(prompts))]):
+        if cut[0]:
+            warnings.warn(f"prompt longer than the tokenizer's {pipe.tokenizer.model_max_length} tokens; this was cut off: {cut[0]!r}", stacklevel=1)
+    encoded = encode_prompts(pipe, prompts, args.negative_prompt)
+    run_settings = {
+        "storyboard": [dataclasses.asdict(e) for e in storyboard],
+        "negative_prompt": args.negative_prompt,
+        "model": str(model_path.resolve()),
+        "sampling": dataclasses.asdict(settings),
+        "fps": args.fps,
+        "st2v_jax": st2v_jax.__version__,
+    }
+    if args.whole_video:
+        from st2v_jax.generation.video_writer import VideoOutput
+
+        frames = generate_whole_video(pipe, encoded, settings)[0]
+        with VideoOutput(out, args.fps, settings.height, settings.width, settings=run_settings, seed=settings.seed, png_dir=args.png_dir) as video:
+            video.write(frames)
+        return out
+    stream_out = preview_path(out) if refiner_config else out
+    if args.resume:
+        RunState.load(resume_directory_for(stream_out)).check_settings(run_settings)
+    state = generate_long_video(
+        pipe, encoded, settings, stream_out, run_settings=run_settings, fps=args.fps, png_dir=args.png_dir,
+        resume=args.resume, keep_state=refiner_config is not None,
+    )
+    if refiner_config is not None:
+        from st2v_jax.generation.long_video import Refiner
+        from st2v_jax.generation.video_writer import VideoOutput
+
+        refiner = Refiner.from_pretrained(args.refiner_dir, checksums=not args.skip_checksums)
+        refined = refiner.refine(np.asarray(state.frames()), storyboard[0].prompt, args.negative_prompt, refiner_config, args.refiner_guidance, args.seed)
+        refine_settings = dict(run_settings, refiner=dict(dataclasses.asdict(refiner_config), model=str(args.refiner_dir), guidance=args.refiner_guidance))
+        with VideoOutput(out, args.fps, refiner_config.height, refiner_config.width, settings=refine_settings, seed=settings.seed) as video:
+            video.write(refined)
+        state.finish()
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        out = run(argv)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: the finished chunks are in the video; continue with the same command plus --resume", file=sys.stderr)
+        return 130
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())
