@@ -26,21 +26,25 @@ setup(
         "imageio-ffmpeg",
         # orbax: converted-checkpoint directories (params pytrees, sharded restore).
         "orbax-checkpoint",
-        # safetensors: lazy, memory-mapped, code-free weight reading.
-        "safetensors",
         # transformers: CLIP tokenizers only (it has no Flax models any more).
         "transformers>=5",
+        # Pillow: reading --image start frames (and resizing --extend videos).
+        "Pillow",
+        # ml_collections: the config files in configs/.
         "ml_collections",
-        "einops",
         "tqdm",
     ],
     extras_require={
-        # PyTorch reference oracles for the parity tests. torch comes from the CPU wheel.
+        # PyTorch reference oracles for the parity tests. torch comes from the CPU wheel, and
+        # open-clip-torch is installed with --no-deps (its torchvision dependency would pull a
+        # CUDA torch); see the README's test command.
         "test": [
             "pytest",
             "torch",
+            "safetensors",
             "diffusers>=0.40",
-            "open-clip-torch",
+            # kornia: oracle of the official APM image preprocessing (kornia's resize).
+            "kornia",
         ],
     },
     entry_points={"console_scripts": ["st2v-convert=st2v_jax.convert.__main__:main"]},

@@ -22,6 +22,7 @@ import shutil
 from typing import Any, Optional
 
 import flax.linen as nn
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
@@ -139,6 +140,18 @@ def verify_configs(manifest: dict, configs: Optional[dict[str, dict]] = None) ->
         raise CheckpointError("weights and config do not match:\n  " + "\n  ".join(shown))
 
 
+def _restore_args(manifest: dict) -> ocp.args.PyTreeRestore:
+    """Restore every tensor as a host (CPU) array of its manifest shape and dtype."""
+    host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    target = {
+        name: traverse_util.unflatten_dict(
+            {tuple(path.split("/")): jax.ShapeDtypeStruct(tuple(t["shape"]), np.dtype(t["dtype"]), sharding=host) for path, t in entry["tensors"].items()}
+        )
+        for name, entry in manifest["components"].items()
+    }
+    return ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+
+
 def load_converted(
     directory: str | os.PathLike, checksums: bool = True, configs: Optional[dict[str, dict]] = None
 ) -> PretrainedModel:
@@ -151,7 +164,7 @@ def load_converted(
     manifest = read_manifest(directory)
     verify_files(directory, manifest, checksums)
     verify_configs(manifest, configs)
-    params = _checkpointer().restore(directory / PARAMS_DIR)
+    params = _checkpointer().restore(directory / PARAMS_DIR, args=_restore_args(manifest))
     final_configs = {name: (configs or {}).get(name, entry["config"]) for name, entry in manifest["components"].items()}
     files = {relative: directory / relative for relative in manifest["files"] if not relative.startswith((PARAMS_DIR + "/", MANIFEST))}
     return PretrainedModel(final_configs, params, files)

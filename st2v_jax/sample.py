@@ -37,7 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--prompt", help="the text of the whole video")
     what.add_argument("--storyboard", help="a prompt per segment: JSON [{\"prompt\": ..., \"frames\": N}, ...] or text lines 'N: prompt'")
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--num-frames", type=int, default=80, help="16 + 8*n (with --prompt)")
+    p.add_argument("--num-frames", type=int, default=80, help="16 + 8*n; with --image/--extend: the new frames to add, 8*n")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--image", help="start from this image: it opens the video, is the APM anchor and the first conditioning")
+    start.add_argument("--extend", help="continue this video: its first frame is the anchor, its last frames condition CAM")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=50, help="DDIM steps per streaming chunk")
     p.add_argument("--init-steps", type=int, default=50, help="DPM-Solver++ steps of the first chunk")
@@ -191,7 +194,17 @@ def run(argv: Optional[Sequence[str]] = None) -> pathlib.Path:
     out = pathlib.Path(args.out)
     _check_writable(out)
     model_path = _resolve_model(args.model_dir)
-    _check_frame_count(num_frames, _chunk_layout(model_path))
+    start_path = args.image or args.extend
+    if start_path is not None:
+        if args.storyboard is not None:
+            raise UsageError("--image/--extend take a single --prompt, not a --storyboard")
+        if not pathlib.Path(start_path).is_file():
+            raise UsageError(f"{'--image' if args.image else '--extend'} {start_path}: no such file")
+        new_frames = _chunk_layout(model_path)[1]
+        if num_frames <= 0 or num_frames % new_frames:
+            raise UsageError(f"with --image/--extend, --num-frames counts the new frames: a positive multiple of {new_frames} (got {num_frames})")
+    else:
+        _check_frame_count(num_frames, _chunk_layout(model_path))
     refiner_config = _refiner_config(args, num_frames)
     from st2v_jax.generation.run_state import RunState, resume_directory_for
     from st2v_jax.generation.video_writer import check_free_space, estimate_output_bytes
@@ -215,7 +228,19 @@ def run(argv: Optional[Sequence[str]] = None) -> pathlib.Path:
     if settings.height % multiple or settings.width % multiple:
         raise UsageError(f"--height/--width must be multiples of {multiple} for this model (got {settings.height}x{settings.width})")
     check_free_space(out, estimate_output_bytes(num_frames, settings.height, settings.width, png=args.png_dir is not None, keep_frame_store=True))
-    prompts = chunk_prompts(pipe, storyboard)
+    start = None
+    if start_path is not None:
+        from st2v_jax.generation.long_video import VideoStart
+        from st2v_jax.generation.media_input import load_image, load_video
+
+        load = load_image if args.image else load_video
+        try:
+            start = VideoStart(load(start_path, settings.height, settings.width))
+        except (ValueError, FileNotFoundError) as err:
+            raise UsageError(str(err)) from None
+        prompts = [args.prompt] * (1 + num_frames // pipe.new_frames_per_chunk)
+    else:
+        prompts = chunk_prompts(pipe, storyboard)
     for prompt, (_, cut) in zip(sorted(set(prompts)), [pipe.tokenize([p]) for p in sorted(set(prompts))]):
         if cut[0]:
             warnings.warn(f"prompt longer than the tokenizer's {pipe.tokenizer.model_max_length} tokens; this was cut off: {cut[0]!r}", stacklevel=1)
@@ -226,8 +251,11 @@ def run(argv: Optional[Sequence[str]] = None) -> pathlib.Path:
         "model": str(model_path.resolve()),
         "sampling": dataclasses.asdict(settings),
         "fps": args.fps,
+        "start": {"image": args.image, "extend": args.extend} if start_path else None,
         "st2v_jax": st2v_jax.__version__,
     }
+    if args.whole_video and start is not None:
+        raise UsageError("--whole-video makes a video from text only; drop it with --image/--extend")
     if args.whole_video:
         from st2v_jax.generation.video_writer import VideoOutput
 
@@ -240,7 +268,7 @@ def run(argv: Optional[Sequence[str]] = None) -> pathlib.Path:
         RunState.load(resume_directory_for(stream_out)).check_settings(run_settings)
     state = generate_long_video(
         pipe, encoded, settings, stream_out, run_settings=run_settings, fps=args.fps, png_dir=args.png_dir,
-        resume=args.resume, keep_state=refiner_config is not None,
+        resume=args.resume, keep_state=refiner_config is not None, start=start,
     )
     if refiner_config is not None:
         from st2v_jax.generation.long_video import Refiner

@@ -86,6 +86,25 @@ def _check_finite(array: Array, chunk_index: int, frames_done: int, out: pathlib
         )
 
 
+@dataclasses.dataclass
+class VideoStart:
+    """Existing frames to continue instead of a first chunk made from text: a user image
+    (`--image`) or a video (`--extend`). They open the output video; the first of them is
+    the APM anchor and the last conditioning frames feed CAM."""
+
+    frames: np.ndarray  # uint8 (P, H, W, 3)
+
+    def __post_init__(self) -> None:
+        if self.frames.ndim != 4 or self.frames.shape[-1] != 3 or self.frames.dtype != np.uint8 or not len(self.frames):
+            raise ValueError(f"start frames must be uint8 (P, H, W, 3) with P >= 1, got {self.frames.dtype} {self.frames.shape}")
+
+    def conditioning(self, cam_frames: int) -> np.ndarray:
+        """The last `cam_frames` frames in [-1, 1], the first repeated if there are fewer."""
+        frames = self.frames[-cam_frames:]
+        frames = np.concatenate([np.repeat(frames[:1], cam_frames - len(frames), axis=0), frames])
+        return frames.astype(np.float32)[None] / 127.5 - 1.0
+
+
 def generate_long_video(
     pipe: StreamingT2VPipeline,
     prompts: EncodedPrompts,
@@ -97,29 +116,47 @@ def generate_long_video(
     png_dir: Optional[str | os.PathLike] = None,
     resume: bool = False,
     keep_state: bool = False,
+    start: Optional[VideoStart] = None,
 ) -> RunState:
     """Streams the video to `out`, chunk by chunk, with progress; returns the run's state
-    (completed; its frame store is deleted unless `keep_state`, e.g. to refine next)."""
+    (completed; its frame store is deleted unless `keep_state`, e.g. to refine next).
+
+    There is one chunk per entry of `prompts.per_chunk`; chunk 0 is the first chunk made from
+    text, or the `start` frames."""
     out = pathlib.Path(out)
     state_dir = resume_directory_for(out)
-    num_chunks = pipe.num_chunks(settings.num_frames) + 1
+    num_chunks = len(prompts.per_chunk)
     if resume:
         state = RunState.load(state_dir)
     else:
         state = RunState.create(state_dir, run_settings, settings.seed, (settings.height, settings.width), overwrite=True)
     params = pipe.params
-    step = make_chunk_step(pipe, settings)
+    step_bar = tqdm.tqdm(total=settings.steps, unit="step", desc="denoising", leave=False, position=1)
+
+    def on_step(i: Array) -> None:
+        if int(i) == 0:
+            step_bar.reset(total=step_bar.total)
+        step_bar.update()
+
+    step = make_chunk_step(pipe, settings, on_step)
     with graceful_interrupts(), VideoOutput(
         out, fps, settings.height, settings.width, settings=run_settings, seed=settings.seed, png_dir=png_dir,
         resume_from=state if resume else None,
     ) as video:
         progress = tqdm.tqdm(total=num_chunks, initial=state.next_chunk_index, unit="chunk", desc="generating")
         if state.next_chunk_index == 0:
-            first = make_first_chunk(pipe, settings)(params, prompts.per_chunk[0], prompts.negative)
-            _check_finite(first, 0, 0, out)
-            anchor_embedding = pipe.anchor_embedding(first[:, :1])
-            cond_frames = first[:, -pipe.cam_frames :]
-            frames = np.asarray(to_uint8(first))[0]
+            if start is None:
+                step_bar.reset(total=settings.init_steps)
+                first = make_first_chunk(pipe, settings, on_step)(params, prompts.per_chunk[0], prompts.negative)
+                _check_finite(first, 0, 0, out)
+                step_bar.total = settings.steps
+                anchor_frames, cond_frames = first[:, :1], first[:, -pipe.cam_frames :]
+                frames = np.asarray(to_uint8(first))[0]
+            else:
+                frames = start.frames
+                anchor_frames = jnp.asarray(frames[None, :1], jnp.float32) / 127.5 - 1.0
+                cond_frames = jnp.asarray(start.conditioning(pipe.cam_frames))
+            anchor_embedding = pipe.anchor_embedding(anchor_frames)
             state.commit_chunk(0, frames, {"cond_frames": np.asarray(cond_frames), "anchor_embedding": np.asarray(anchor_embedding)})
             video.write(frames)
             progress.update()
@@ -137,6 +174,7 @@ def generate_long_video(
             video.write(frames)
             progress.update()
         progress.close()
+    step_bar.close()
     if not keep_state:
         state.finish()
     return state

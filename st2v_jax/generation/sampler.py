@@ -65,8 +65,20 @@ def _latent_shape(pipe: StreamingT2VPipeline, settings: SamplingSettings, batch:
     return (batch, pipe.frames_per_chunk, settings.height // d, settings.width // d, pipe.config["unet"].in_channels)
 
 
-def make_first_chunk(pipe: StreamingT2VPipeline, settings: SamplingSettings) -> Callable[[Any, Array, Array], Array]:
-    """jitted (params, text (B,77,D), negative (B,77,D)) -> frames (B, F, H, W, 3) in [-1, 1]."""
+StepCallback = Callable[[Array], None]
+
+
+def _report_step(on_step: Optional[StepCallback], step_index: Array) -> None:
+    """Tells the host a denoising step finished (progress bars); numerics are unaffected."""
+    if on_step is not None:
+        jax.debug.callback(on_step, step_index, ordered=True)
+
+
+def make_first_chunk(
+    pipe: StreamingT2VPipeline, settings: SamplingSettings, on_step: Optional[StepCallback] = None
+) -> Callable[[Any, Array, Array], Array]:
+    """jitted (params, text (B,77,D), negative (B,77,D)) -> frames (B, F, H, W, 3) in [-1, 1].
+    `on_step(i)` is called on the host after denoising step i."""
     schedule = pipe.init_schedule()
     dpm = dpm_solver_init(schedule, settings.init_steps, algorithm_type="dpmsolver++", solver_order=2)
     unet = pipe.modules["unet"]
@@ -81,6 +93,7 @@ def make_first_chunk(pipe: StreamingT2VPipeline, settings: SamplingSettings) -> 
             x, state = carry
             t = dpm.timesteps[state.step_index]
             uncond, cond = jnp.split(unet.apply({"params": params["unet"]}, jnp.concatenate([x, x]), t, context), 2)
+            _report_step(on_step, state.step_index)
             x, state = dpm_step(dpm, state, uncond + scale * (cond - uncond), x)
             return (x, state), None
 
@@ -90,10 +103,11 @@ def make_first_chunk(pipe: StreamingT2VPipeline, settings: SamplingSettings) -> 
     return jax.jit(run)
 
 
-def make_chunk_step(pipe: StreamingT2VPipeline, settings: SamplingSettings) -> Callable:
+def make_chunk_step(pipe: StreamingT2VPipeline, settings: SamplingSettings, on_step: Optional[StepCallback] = None) -> Callable:
     """`(params, constants, cond_frames, (chunk_index, text)) -> (cond_frames', new uint8 frames)`.
 
     cond_frames: (B, Fc, H, W, 3) in [-1, 1], the last frames of the previous chunk.
+    `on_step(i)` is called on the host after denoising step i.
     """
     schedule = pipe.streaming_schedule()
     timesteps, previous = ddim_timesteps(schedule, settings.steps)
@@ -113,6 +127,7 @@ def make_chunk_step(pipe: StreamingT2VPipeline, settings: SamplingSettings) -> C
             i, t, prev_t = step_inputs
             eps = streaming.apply({"params": params["streaming"]}, repeat_for_branches(rule, x), t, contexts, cond)
             noise = jax.random.normal(jax.random.fold_in(noise_key, i), x.shape)
+            _report_step(on_step, i)
             return ddim_step(schedule, combine_guidance(rule, eps), t, prev_t, x, settings.eta, noise), None
 
         steps = (jnp.arange(settings.steps), jnp.asarray(timesteps), jnp.asarray(previous))

@@ -1,0 +1,26 @@
+"""Shared test setup: a persistent XLA compilation cache for the session (many tests
+compile the same tiny networks), and the tiny random StreamingT2V model folder."""
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    cache = pathlib.Path(config.rootpath) / ".pytest_jax_cache"
+    jax.config.update("jax_compilation_cache_dir", str(cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> pathlib.Path:
+    """configs/tiny_random.py with random weights, converted (tokenizer and scheduler included)."""
+    from st2v_jax.convert.__main__ import main as convert_cli
+
+    out = tmp_path_factory.mktemp("models") / "tiny-random"
+    assert convert_cli(["random", "--config", str(REPO / "configs" / "tiny_random.py"), "--out", str(out)]) == 0
+    return out

@@ -1,0 +1,180 @@
+"""Long-video generation on the tiny random model: modes agree, runs resume exactly,
+storyboards switch prompts, bad input fails early with a clear message."""
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from st2v_jax import sample
+from st2v_jax.generation import long_video
+from st2v_jax.generation.long_video import (
+    NonFiniteOutputError,
+    StoryboardEntry,
+    chunk_prompts,
+    encode_prompts,
+    generate_long_video,
+    generate_whole_video,
+)
+from st2v_jax.generation.pipeline import StreamingT2VPipeline
+from st2v_jax.generation.run_state import RunState, resume_directory_for
+from st2v_jax.generation.sampler import SamplingSettings
+from st2v_jax.generation.video_writer import VideoOutput, count_playable_frames, sidecar_path_for
+
+SETTINGS = SamplingSettings(num_frames=40, steps=2, init_steps=2, height=32, width=32, seed=3)
+RUN_SETTINGS = {"test": "generation", "num_frames": 40}
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):
+    return StreamingT2VPipeline.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def prompts(pipe):
+    storyboard = [StoryboardEntry("a red circle", 24), StoryboardEntry("a blue square", 16)]
+    return encode_prompts(pipe, chunk_prompts(pipe, storyboard), "")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(pipe, prompts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted") / "video.mp4"
+    state = generate_long_video(pipe, prompts, SETTINGS, out, run_settings=RUN_SETTINGS, keep_state=True)
+    frames = np.array(state.frames())
+    state.finish()
+    return out, frames
+
+
+def test_whole_video_scan_and_streaming_give_identical_frames(pipe, prompts, uninterrupted):
+    out, streamed = uninterrupted
+    whole = generate_whole_video(pipe, prompts, SETTINGS)
+    assert whole.shape == (1, 40, 32, 32, 3) and streamed.shape == (40, 32, 32, 3)
+    np.testing.assert_array_equal(whole[0], streamed)
+    assert count_playable_frames(out) == 40
+    sidecar = json.loads(sidecar_path_for(out).read_text())
+    assert sidecar["settings"] == RUN_SETTINGS and sidecar["status"] == "complete" and sidecar["seed"] == 3
+
+
+def test_interrupted_run_resumes_to_the_identical_video(pipe, prompts, uninterrupted, tmp_path, monkeypatch):
+    out = tmp_path / "video.mp4"
+    original_write, writes = VideoOutput.write, []
+
+    def write_then_preempt(self, frames):
+        if len(writes) == 2:  # SIGTERM/Ctrl-C arrive as KeyboardInterrupt (graceful_interrupts)
+            raise KeyboardInterrupt
+        writes.append(len(frames))
+        original_write(self, frames)
+
+    monkeypatch.setattr(VideoOutput, "write", write_then_preempt)
+    with pytest.raises(KeyboardInterrupt):
+        generate_long_video(pipe, prompts, SETTINGS, out, run_settings=RUN_SETTINGS)
+    monkeypatch.setattr(VideoOutput, "write", original_write)
+    assert count_playable_frames(out) == 24  # the finished chunks are playable
+    state = RunState.load(resume_directory_for(out))
+    assert state.next_chunk_index == 3 and not state.completed  # chunk 2 was committed before the interrupt
+    generate_long_video(pipe, prompts, SETTINGS, out, run_settings=RUN_SETTINGS, resume=True)
+    assert out.read_bytes() == uninterrupted[0].read_bytes()
+
+
+def test_storyboard_switches_the_prompt_per_chunk(pipe):
+    storyboard = [StoryboardEntry("a", 24), StoryboardEntry("b", 8), StoryboardEntry("c", 16)]
+    # chunks start at frames 0 (16 frames), 16, 24, 32, 40 (8 new frames each)
+    assert chunk_prompts(pipe, storyboard) == ["a", "a", "b", "c", "c"]
+    with pytest.raises(ValueError, match=r"nearest valid counts: \[40, 48, 56\]"):
+        chunk_prompts(pipe, [StoryboardEntry("a", 50)])
+
+
+def test_storyboard_files(tmp_path):
+    text = "# two scenes\n24: a red circle\n\n16: a blue square\n"
+    assert sample.parse_storyboard(text, "s.txt") == [StoryboardEntry("a red circle", 24), StoryboardEntry("a blue square", 16)]
+    as_json = json.dumps([{"prompt": "a red circle", "frames": 24}])
+    assert sample.parse_storyboard(as_json, "s.json") == [StoryboardEntry("a red circle", 24)]
+    with pytest.raises(sample.UsageError, match="line 1: expected 'FRAMES: prompt'"):
+        sample.parse_storyboard("a red circle", "s.txt")
+
+
+def test_non_finite_output_stops_and_keeps_what_was_written(pipe, prompts, tmp_path):
+    broken = StreamingT2VPipeline(pipe.model, pipe.tokenizer, pipe.scheduler_config)
+    broken.params = dict(pipe.params, streaming=jax.tree.map(lambda x: x * np.nan, pipe.params["streaming"]))
+    out = tmp_path / "video.mp4"
+    with pytest.raises(NonFiniteOutputError, match=r"chunk 1.*The 16 frames finished before it are in"):
+        generate_long_video(broken, prompts, SETTINGS, out, run_settings=RUN_SETTINGS)
+    assert count_playable_frames(out) == 16
+
+
+def _cli_error(capsys, *argv):
+    assert sample.main(list(argv)) == 2
+    return capsys.readouterr().err
+
+
+def test_bad_input_fails_before_any_compute(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generation must not start")
+
+    monkeypatch.setattr(long_video, "generate_long_video", no_generation)
+    model, out = str(tiny_model_dir), str(tmp_path / "v.mp4")
+    assert "--prompt is empty" in _cli_error(capsys, "--model-dir", model, "--prompt", "  ", "--out", out)
+    assert "nearest valid counts: [64, 72, 80]" in _cli_error(capsys, "--model-dir", model, "--prompt", "x", "--num-frames", "70", "--out", out)
+    assert "no such file or folder" in _cli_error(capsys, "--model-dir", str(tmp_path / "missing"), "--prompt", "x", "--out", out)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert "cannot write to" in _cli_error(capsys, "--model-dir", model, "--prompt", "x", "--out", str(blocker / "v.mp4"))
+    assert "refiner overlap must be smaller than the chunk" in _cli_error(
+        capsys, "--model-dir", model, "--prompt", "x", "--out", out, "--refine", "--refiner-dir", model,
+        "--refiner-chunk", "8", "--refiner-overlap", "8",
+    )
+    assert "no interrupted run to resume" in _cli_error(capsys, "--model-dir", model, "--prompt", "x", "--out", out, "--resume")
+    assert "expected 'FRAMES: prompt'" in _cli_error(
+        capsys, "--model-dir", model, "--storyboard", str(_write(tmp_path / "s.txt", "oops")), "--out", out
+    )
+    empty_model = tmp_path / "empty-model"
+    empty_model.mkdir()
+    assert "cannot load weights" in str(pytest.raises(FileNotFoundError, sample.run, ["--model-dir", str(empty_model), "--prompt", "x", "--out", out]).value)
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_long_prompt_warns_what_was_cut(pipe):
+    ids, cut = pipe.tokenize(["a red circle " + "and a blue square " * 30])
+    assert ids.shape == (1, 77) and cut[0].endswith("blue square")
+
+
+def test_cli_end_to_end_with_refiner(tiny_model_dir, tmp_path):
+    from tiny_pipeline import make_tiny_text_to_video
+
+    refiner = tmp_path / "refiner"
+    make_tiny_text_to_video(refiner)
+    out = tmp_path / "out" / "video.mp4"
+    args = ["--model-dir", str(tiny_model_dir), "--prompt", "a red circle", "--num-frames", "24", "--steps", "2", "--init-steps", "2",
+            "--out", str(out), "--refine", "--refiner-dir", str(refiner), "--refiner-chunk", "16", "--refiner-overlap", "8",
+            "--refiner-steps", "4", "--refiner-height", "64", "--refiner-width", "64", "--png-dir", str(tmp_path / "png")]
+    assert sample.main(args) == 0
+    assert count_playable_frames(out) == 24 and count_playable_frames(sample.preview_path(out)) == 24
+    sidecar = json.loads(sidecar_path_for(out).read_text())
+    assert sidecar["settings"]["refiner"]["chunk"] == 16 and sidecar["height"] == 64
+    assert len(list((tmp_path / "png").glob("*.png"))) == 24
+
+
+def test_start_from_an_image_then_extend_the_video(tiny_model_dir, tmp_path):
+    from PIL import Image
+
+    image = np.zeros((48, 64, 3), np.uint8)
+    image[10:30, 20:40] = (255, 0, 0)
+    Image.fromarray(image).save(tmp_path / "start.png")
+    common = ["--model-dir", str(tiny_model_dir), "--prompt", "a red square", "--steps", "2", "--init-steps", "2"]
+    started = tmp_path / "started.mp4"
+    png = tmp_path / "png"
+    assert sample.main(common + ["--image", str(tmp_path / "start.png"), "--num-frames", "16", "--out", str(started), "--png-dir", str(png)]) == 0
+    assert count_playable_frames(started) == 1 + 16  # the image opens the video
+    first = np.asarray(Image.open(sorted(png.glob("*.png"))[0]))
+    from st2v_jax.generation.media_input import load_image
+
+    np.testing.assert_array_equal(first, load_image(tmp_path / "start.png", 32, 32)[0])
+    extended = tmp_path / "extended.mp4"
+    assert sample.main(common + ["--extend", str(started), "--num-frames", "8", "--out", str(extended)]) == 0
+    assert count_playable_frames(extended) == 17 + 8
