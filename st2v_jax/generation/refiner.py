@@ -275,18 +275,6 @@ def refine_latents(
     return _refine_latents_jit(_as_jit_argument(denoise), schedule, config, latents, key, initial_noise)
 
 
-@functools.partial(jax.jit, static_argnames=("schedule", "config"))
-def _refine_latents_jit(
-    denoise: Denoiser,
-    schedule: NoiseSchedule,
-    config: RefinerConfig,
-    latents: Array,
-    key: Array,
-    initial_noise: Optional[Array],
-) -> Array:
-    return _refine_latents(denoise, schedule, config, latents, key, initial_noise)
-
-
 def _refine_latents(
     denoise: Denoiser,
     schedule: NoiseSchedule,
@@ -346,6 +334,9 @@ def _refine_latents(
 # ----------------------------------------------------------------------------------------------
 # Pixels in, pixels out
 
+
+
+_refine_latents_jit = jax.jit(_refine_latents, static_argnames=("schedule", "config"))
 
 def upsample_video(frames: Array, size: tuple[int, int]) -> Array:
     """Video (B, F, H, W, C) -> (B, F, size[0], size[1], C), bilinear with half-pixel centres
