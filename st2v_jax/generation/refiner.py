@@ -331,12 +331,12 @@ def _refine_latents(
     return sample.astype(latents.dtype)
 
 
+_refine_latents_jit = jax.jit(_refine_latents, static_argnames=("schedule", "config"))
+
+
 # ----------------------------------------------------------------------------------------------
 # Pixels in, pixels out
 
-
-
-_refine_latents_jit = jax.jit(_refine_latents, static_argnames=("schedule", "config"))
 
 def upsample_video(frames: Array, size: tuple[int, int]) -> Array:
     """Video (B, F, H, W, C) -> (B, F, size[0], size[1], C), bilinear with half-pixel centres
