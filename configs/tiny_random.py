@@ -13,11 +13,11 @@ def get_config() -> ml_collections.ConfigDict:
         "out_channels": 4,
         "down_block_types": ["CrossAttnDownBlock3D", "DownBlock3D"],
         "up_block_types": ["UpBlock3D", "CrossAttnUpBlock3D"],
-        "block_out_channels": [64, 64],
+        "block_out_channels": [32, 32],
         "layers_per_block": 2,
         "norm_num_groups": 32,
         "cross_attention_dim": WIDTH,
-        "attention_head_dim": 32,
+        "attention_head_dim": 16,
         "sample_size": 16,
     }
     return ml_collections.ConfigDict(
@@ -31,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
                     "cam": {"conditioning_embedding_out_channels": [16, 32]},
                     "resampler": {"input_dim": WIDTH, "inner_dim": 32, "expansion_factor": 4},
                     "apm": {"text_tokens": 77, "image_tokens": 4},
+                    "merger": {"head_dim": 32, "groups": 32},
                 },
             },
             "vae": {
