@@ -11,6 +11,7 @@ from flax import traverse_util
 
 torch = pytest.importorskip("torch")
 
+from fixture_paths import FIXTURES  # noqa: E402
 from open_clip_oracle import open_clip_transformer  # noqa: E402
 from tiny_pipeline import make_tiny_text_to_video  # noqa: E402
 
@@ -20,7 +21,7 @@ from st2v_jax.convert.readers import open_weight_file  # noqa: E402
 from st2v_jax.convert.sources import from_diffusers_dir, from_official_checkpoint  # noqa: E402
 from st2v_jax.pretrained import load_pretrained  # noqa: E402
 
-FIXTURE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official_tiny_a"
+FIXTURE = FIXTURES / "official_tiny_a"
 needs_fixture = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"official fixture set not found at {FIXTURE}")
 
 

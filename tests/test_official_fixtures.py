@@ -8,13 +8,12 @@ intermediate within the bounds the fixtures' README gives.
 from __future__ import annotations
 
 import json
-import os
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fixture_paths import FIXTURES
 from flax import traverse_util
 
 from st2v_jax.convert.mapping import convert_state_dict, torch_key_to_path
@@ -24,7 +23,6 @@ from st2v_jax.models.apm import APMContextMixer
 from st2v_jax.convert.components import COMPONENTS
 from st2v_jax.models.streaming import StreamingConfig, StreamingUNet3D
 
-FIXTURES = pathlib.Path(os.environ.get("ST2V_FIXTURES", pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
 SETS = sorted(p for p in FIXTURES.glob("*") if (p / "io.npz").is_file()) if FIXTURES.is_dir() else []
 
 # (max abs) bounds of the fixtures' README.
