@@ -178,3 +178,9 @@ def test_start_from_an_image_then_extend_the_video(tiny_model_dir, tmp_path):
     extended = tmp_path / "extended.mp4"
     assert sample.main(common + ["--extend", str(started), "--num-frames", "8", "--out", str(extended)]) == 0
     assert count_playable_frames(extended) == 17 + 8
+
+
+def test_hub_repo_id_offline_gives_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(sample.UsageError, match="fetching it from the Hugging Face hub failed.*pass the local folder"):
+        sample._resolve_model("PAIR/StreamingT2V-does-not-exist")
