@@ -56,7 +56,7 @@ def sha256_file(path: str | os.PathLike, block: int = 1 << 24) -> str:
 
 def _tensor_table(params: Any) -> dict[str, dict]:
     return {
-        "/".join(path): {"shape": list(np.shape(leaf)), "dtype": str(np.asarray(leaf).dtype) if not hasattr(leaf, "dtype") else str(leaf.dtype)}
+        "/".join(path): {"shape": list(leaf.shape), "dtype": str(np.dtype(leaf.dtype))}
         for path, leaf in traverse_util.flatten_dict(nn.unbox(params)).items()
     }
 

@@ -23,6 +23,7 @@ import numpy as np
 
 import st2v_jax
 from st2v_jax.generation.long_video import StoryboardEntry
+from st2v_jax.tokenizer import PromptTooLongWarning
 
 _DEFAULT_CHUNK = (16, 8)  # (frames per chunk, new frames per chunk) of the official model
 
@@ -243,7 +244,11 @@ def run(argv: Optional[Sequence[str]] = None) -> pathlib.Path:
         prompts = chunk_prompts(pipe, storyboard)
     for prompt, (_, cut) in zip(sorted(set(prompts)), [pipe.tokenize([p]) for p in sorted(set(prompts))]):
         if cut[0]:
-            warnings.warn(f"prompt longer than the tokenizer's {pipe.tokenizer.model_max_length} tokens; this was cut off: {cut[0]!r}", stacklevel=1)
+            warnings.warn(
+                f"prompt longer than the tokenizer's {pipe.tokenizer.model_max_length} tokens; this was cut off: {cut[0]!r}",
+                PromptTooLongWarning,
+                stacklevel=1,
+            )
     encoded = encode_prompts(pipe, prompts, args.negative_prompt)
     run_settings = {
         "storyboard": [dataclasses.asdict(e) for e in storyboard],

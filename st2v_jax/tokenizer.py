@@ -8,9 +8,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import transformers
 
 MAX_LENGTH = 77
 
@@ -19,7 +22,7 @@ class PromptTooLongWarning(UserWarning):
     """A prompt was cut to the tokenizer's length."""
 
 
-def load_tokenizer(directory: str | os.PathLike):
+def load_tokenizer(directory: str | os.PathLike) -> "transformers.PreTrainedTokenizerBase":
     """A transformers CLIP tokenizer from a local folder (vocab.json + merges.txt, or tokenizer.json)."""
     from transformers import AutoTokenizer
 
@@ -29,7 +32,9 @@ def load_tokenizer(directory: str | os.PathLike):
     return AutoTokenizer.from_pretrained(directory, local_files_only=True)
 
 
-def tokenize(tokenizer, prompts: Sequence[str], max_length: int = MAX_LENGTH) -> tuple[np.ndarray, list[str]]:
+def tokenize(
+    tokenizer: "transformers.PreTrainedTokenizerBase", prompts: Sequence[str], max_length: int = MAX_LENGTH
+) -> tuple[np.ndarray, list[str]]:
     """Token ids (len(prompts), max_length) padded as ModelScope does, and for each prompt
     the text that was cut off because it did not fit ("" if nothing was)."""
     encoded = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="np")
@@ -57,6 +62,3 @@ def write_byte_level_tokenizer(directory: str | os.PathLike, merges: Sequence[tu
     )
     return directory
 
-
-def byte_level_vocab_size(num_merges: int = 0) -> int:
-    return 2 + 2 * 256 + num_merges

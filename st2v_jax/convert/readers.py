@@ -72,7 +72,7 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
                 header = json.loads(f.read(header_len))
             except (UnicodeDecodeError, json.JSONDecodeError) as err:
                 raise WeightFileError(f"{self.path}: unreadable safetensors header ({err})") from None
-        self.metadata = header.pop("__metadata__", None) or {}
+        header.pop("__metadata__", None)
         self._entries = header
         self._data_start = 8 + header_len
         data_len = max((e["data_offsets"][1] for e in header.values()), default=0)
@@ -84,8 +84,6 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
         if unknown:
             raise WeightFileError(f"{self.path}: unsupported tensor dtypes {unknown}")
 
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._entries[key]["shape"])
 
     def __getitem__(self, key: str) -> np.ndarray:
         entry = self._entries[key]
@@ -212,8 +210,6 @@ class TorchZipFile(Mapping[str, np.ndarray]):
             for k, v in value.items():
                 self._flatten(f"{prefix}.{k}" if prefix else str(k), v)
 
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._records[key].shape
 
     def __getitem__(self, key: str) -> np.ndarray:
         record = self._records[key]

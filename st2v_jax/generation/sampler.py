@@ -144,7 +144,9 @@ def streaming_constants(pipe: StreamingT2VPipeline, anchor_embedding: Array, neg
     return StreamingConstants(negative_text, pipe.anchor_tokens(anchor_embedding), pipe.anchor_tokens(null))
 
 
-def sample_scan(step: Callable, params: Any, constants: StreamingConstants, cond_frames: Array, chunk_indices: Array, texts: Array):
+def sample_scan(
+    step: Callable, params: Any, constants: StreamingConstants, cond_frames: Array, chunk_indices: Array, texts: Array
+) -> tuple[Array, Array]:
     """All chunks with one `lax.scan` -> (final cond frames, frames (chunks, B, new, H, W, 3))."""
     return jax.lax.scan(lambda carry, xs: step(params, constants, carry, xs), cond_frames, (chunk_indices, texts))
 
