@@ -102,11 +102,12 @@ def parse_storyboard(text: str, source: str) -> list[StoryboardEntry]:
 
 
 def _check_frame_count(total: int, chunk: tuple[int, int]) -> None:
-    frames, new = chunk
-    if total < frames or (total - frames) % new:
-        n = max(0, round((total - frames) / new))
-        nearest = sorted({frames + new * k for k in (max(0, n - 1), n, n + 1)})
-        raise UsageError(f"{total} frames cannot be made: videos have {frames} + {new}*n frames; nearest valid counts: {nearest}")
+    from st2v_jax.generation.pipeline import streaming_chunks
+
+    try:
+        streaming_chunks(total, *chunk)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def _check_writable(out: pathlib.Path) -> None:
@@ -242,10 +243,10 @@ def run(argv: Optional[Sequence[str]] = None) -> pathlib.Path:
         prompts = [args.prompt] * (1 + num_frames // pipe.new_frames_per_chunk)
     else:
         prompts = chunk_prompts(pipe, storyboard)
-    for prompt, (_, cut) in zip(sorted(set(prompts)), [pipe.tokenize([p]) for p in sorted(set(prompts))]):
-        if cut[0]:
+    for cut in pipe.tokenize(sorted(set(prompts)))[1]:
+        if cut:
             warnings.warn(
-                f"prompt longer than the tokenizer's {pipe.tokenizer.model_max_length} tokens; this was cut off: {cut[0]!r}",
+                f"prompt longer than the tokenizer's {pipe.tokenizer.model_max_length} tokens; this was cut off: {cut!r}",
                 PromptTooLongWarning,
                 stacklevel=1,
             )

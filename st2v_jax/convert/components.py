@@ -7,6 +7,7 @@ converted checkpoint keeps exactly what the user's files said.
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 from typing import Any, Callable, Mapping, Optional
 
@@ -14,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from st2v_jax.convert.official_configs import MS_1_7B_SCHEDULER
 from st2v_jax.models.clip import CLIPTextConfig, CLIPTextTransformer, OpenCLIPVisionConfig, OpenCLIPVisionTransformer
 from st2v_jax.models.streaming import StreamingConfig, StreamingUNet3D
 from st2v_jax.models.unet3d import UNet3D, UNet3DConfig
@@ -125,6 +127,18 @@ class PretrainedModel:
     def module(self, component: str) -> nn.Module:
         """The Flax module of a component; apply it with `self.params[component]`."""
         return COMPONENTS[component].build(self.config(component))
+
+    def tokenizer_dir(self) -> Optional[pathlib.Path]:
+        """The kept `tokenizer/` folder, if it holds a CLIP tokenizer (vocab.json or tokenizer.json)."""
+        for name in ("tokenizer/vocab.json", "tokenizer/tokenizer.json"):
+            if name in self.files:
+                return pathlib.Path(self.files[name]).parent
+        return None
+
+    def scheduler_config(self) -> dict:
+        """The kept scheduler/scheduler_config.json, or ModelScope ms-1.7b's when none was kept."""
+        path = self.files.get("scheduler/scheduler_config.json")
+        return json.loads(pathlib.Path(path).read_text()) if path else dict(MS_1_7B_SCHEDULER)
 
 
 def random_pretrained(configs: Mapping[str, dict], seed: int = 0) -> PretrainedModel:

@@ -35,15 +35,21 @@ _OFFICIAL_IMAGE_ENCODER_UNUSED = tuple(
 )
 
 
-class _PrefixView(Mapping[str, np.ndarray]):
-    """The keys of a state dict that start with `prefix` (names unchanged), minus `exclude`."""
+class _KeyView(Mapping[str, np.ndarray]):
+    """The keys of a state dict that start with `prefix` minus those starting with `exclude`,
+    seen without the prefix when `strip`. Tensors stay unread until asked for."""
 
-    def __init__(self, state_dict: Mapping[str, np.ndarray], prefix: str, exclude: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, state_dict: Mapping[str, np.ndarray], prefix: str, exclude: tuple[str, ...] = (), strip: bool = False
+    ) -> None:
         self._sd = state_dict
-        self._keys = [k for k in state_dict if k.startswith(prefix) and not (exclude and k.startswith(exclude))]
+        self._prefix = prefix if strip else ""
+        self._keys = [
+            k[len(self._prefix) :] for k in state_dict if k.startswith(prefix) and not (exclude and k.startswith(exclude))
+        ]
 
     def __getitem__(self, key: str) -> np.ndarray:
-        return self._sd[key]
+        return self._sd[self._prefix + key]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -103,25 +109,8 @@ def _official_state_dict(path: pathlib.Path) -> Mapping[str, np.ndarray]:
     state_dict = open_weight_file(path)
     if any(k.startswith("state_dict.") for k in state_dict):
         # A torch checkpoint: the weights are ckpt["state_dict"]; other entries are dropped.
-        return _Renamed(state_dict, "state_dict.")
+        return _KeyView(state_dict, "state_dict.", strip=True)
     return state_dict
-
-
-class _Renamed(Mapping[str, np.ndarray]):
-    """`state_dict` restricted to keys under `prefix`, seen without it."""
-
-    def __init__(self, state_dict: Mapping[str, np.ndarray], prefix: str) -> None:
-        self._sd, self._prefix = state_dict, prefix
-        self._keys = [k[len(prefix) :] for k in state_dict if k.startswith(prefix)]
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        return self._sd[self._prefix + key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
 
 
 def from_official_checkpoint(
@@ -168,9 +157,9 @@ def from_official_checkpoint(
             f"{path}: {len(unexpected)} keys belong to no StreamingT2V component "
             f"(expected prefixes {STREAMING_PREFIXES + frozen_prefixes}): " + ", ".join(unexpected[:10])
         )
-    parts = {"streaming": (_PrefixView(state_dict, "", exclude=frozen_prefixes), streaming_mapping(), {})}
+    parts = {"streaming": (_KeyView(state_dict, "", exclude=frozen_prefixes), streaming_mapping(), {})}
     for name, (prefix, mapping, options) in frozen.items():
-        view = _PrefixView(state_dict, prefix)
+        view = _KeyView(state_dict, prefix)
         if len(view):
             parts[name] = (view, mapping, options)
     model = PretrainedModel(

@@ -11,7 +11,6 @@ compiled once for any length, returning the frames in memory.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 from typing import Any, Optional, Sequence
@@ -22,7 +21,6 @@ import numpy as np
 import tqdm
 
 from st2v_jax.convert.components import PretrainedModel
-from st2v_jax.convert.official_configs import MS_1_7B_SCHEDULER
 from st2v_jax.diffusion.schedules import NoiseSchedule
 from st2v_jax.generation.pipeline import StreamingT2VPipeline, to_uint8
 from st2v_jax.generation.refiner import RefinerConfig, guided_unet_denoiser, refine_video
@@ -205,12 +203,10 @@ class Refiner:
     def from_pretrained(cls, path: str | os.PathLike, checksums: bool = True) -> "Refiner":
         model = load_pretrained(path, checksums=checksums)
         missing = [c for c in ("unet", "vae", "text_encoder") if c not in model.params]
-        if missing or "tokenizer/vocab.json" not in model.files and "tokenizer/tokenizer.json" not in model.files:
+        if missing or model.tokenizer_dir() is None:
             raise ValueError(f"{path} is not a text-to-video model usable as a refiner (needs unet, vae, text_encoder, tokenizer)")
-        tokenizer_dir = next(p for k, p in model.files.items() if k.startswith("tokenizer/")).parent
-        scheduler = model.files.get("scheduler/scheduler_config.json")
-        config = json.loads(pathlib.Path(scheduler).read_text()) if scheduler else dict(MS_1_7B_SCHEDULER)
-        return cls(model, load_tokenizer(tokenizer_dir), NoiseSchedule.from_diffusers(config, "DDIMScheduler"))
+        schedule = NoiseSchedule.from_diffusers(model.scheduler_config(), "DDIMScheduler")
+        return cls(model, load_tokenizer(model.tokenizer_dir()), schedule)
 
     def refine(self, frames: np.ndarray, prompt: str, negative_prompt: str, config: RefinerConfig, guidance: float, seed: int) -> np.ndarray:
         """uint8 (F, H, W, 3) -> refined uint8 (F, config.height, config.width, 3), randomized blending."""

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
-import pathlib
 from typing import Any, Sequence
 
 import jax
@@ -17,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from st2v_jax.convert.components import PretrainedModel
-from st2v_jax.convert.official_configs import MS_1_7B_SCHEDULER
 from st2v_jax.diffusion.schedules import NoiseSchedule
 from st2v_jax.models.apm import ImageTokenResampler
 from st2v_jax.models.image_preprocess import clip_image_preprocess
@@ -35,7 +32,7 @@ class ModelLayoutError(ValueError):
 class StreamingT2VPipeline:
     model: PretrainedModel
     tokenizer: Any
-    scheduler_config: dict = dataclasses.field(default_factory=lambda: dict(MS_1_7B_SCHEDULER))
+    scheduler_config: dict
 
     def __post_init__(self) -> None:
         missing = [c for c in REQUIRED_COMPONENTS if c not in self.model.params]
@@ -61,12 +58,9 @@ class StreamingT2VPipeline:
     def from_pretrained(cls, path: str | os.PathLike, checksums: bool = True) -> "StreamingT2VPipeline":
         """A converted folder, a diffusers folder or an official checkpoint (see `load_pretrained`)."""
         model = load_pretrained(path, checksums=checksums)
-        if "tokenizer/vocab.json" not in model.files and "tokenizer/tokenizer.json" not in model.files:
+        if model.tokenizer_dir() is None:
             raise ModelLayoutError(f"{path} has no tokenizer/ folder (vocab.json + merges.txt or tokenizer.json)")
-        tokenizer_dir = next(p for k, p in model.files.items() if k.startswith("tokenizer/")).parent
-        scheduler = model.files.get("scheduler/scheduler_config.json")
-        scheduler_config = json.loads(pathlib.Path(scheduler).read_text()) if scheduler else dict(MS_1_7B_SCHEDULER)
-        return cls(model, load_tokenizer(tokenizer_dir), scheduler_config)
+        return cls(model, load_tokenizer(model.tokenizer_dir()), model.scheduler_config())
 
     # ------------------------------------------------------------------ sizes and schedules
 
@@ -98,20 +92,9 @@ class StreamingT2VPipeline:
         # config lacks take DPMSolverMultistepScheduler's defaults (e.g. linspace spacing).
         return NoiseSchedule.from_diffusers(self.scheduler_config, "DPMSolverMultistepScheduler")
 
-    def valid_frame_counts(self, around: int, count: int = 2) -> list[int]:
-        step = self.new_frames_per_chunk
-        n = max(0, round((around - self.frames_per_chunk) / step))
-        return sorted({self.frames_per_chunk + step * max(0, k) for k in range(n - count + 1, n + count)})
-
     def num_chunks(self, num_frames: int) -> int:
         """Streaming chunks after the first one for a video of `num_frames` frames."""
-        extra = num_frames - self.frames_per_chunk
-        if extra < 0 or extra % self.new_frames_per_chunk:
-            raise ValueError(
-                f"{num_frames} frames cannot be made: videos have {self.frames_per_chunk} + "
-                f"{self.new_frames_per_chunk}*n frames; nearest valid counts: {self.valid_frame_counts(num_frames)}"
-            )
-        return extra // self.new_frames_per_chunk
+        return streaming_chunks(num_frames, self.frames_per_chunk, self.new_frames_per_chunk)
 
     # ------------------------------------------------------------------ encoders
 
@@ -153,6 +136,20 @@ class StreamingT2VPipeline:
         """Scaled latents (B, F, h, w, 4) -> frames (B, F, H, W, 3) in [-1, 1]."""
         frames = decode_video(self.modules["vae"], self.params["vae"], latents, chunk_size)
         return jnp.clip(frames, -1.0, 1.0)
+
+
+def streaming_chunks(num_frames: int, frames_per_chunk: int, new_frames_per_chunk: int) -> int:
+    """n for a video of frames_per_chunk + new_frames_per_chunk * n frames; a ValueError naming
+    the nearest valid counts for any other length."""
+    extra = num_frames - frames_per_chunk
+    if extra < 0 or extra % new_frames_per_chunk:
+        n = max(0, round(extra / new_frames_per_chunk))
+        nearest = sorted({frames_per_chunk + new_frames_per_chunk * k for k in (max(0, n - 1), n, n + 1)})
+        raise ValueError(
+            f"{num_frames} frames cannot be made: videos have {frames_per_chunk} + {new_frames_per_chunk}*n frames; "
+            f"nearest valid counts: {nearest}"
+        )
+    return extra // new_frames_per_chunk
 
 
 def to_uint8(frames: Array) -> Array:
