@@ -57,17 +57,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--png-dir", default=None, help="also write every frame as a PNG here")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run with the same arguments")
     p.add_argument("--whole-video", action="store_true", help="generate all chunks in one compiled lax.scan, then write (no partial output)")
-    refine = p.add_argument_group("refinement (randomized blending with a diffusers-layout text-to-video refiner)")
+    refine = p.add_argument_group("refinement (randomized blending with MS-Vid2Vid-XL, the official refiner, or a diffusers-layout text-to-video model)")
     refine.add_argument("--refine", action=argparse.BooleanOptionalAction, default=False, help="refine the preview video")
-    refine.add_argument("--refiner-dir", help="the refiner model: converted or diffusers folder (e.g. zeroscope_v2_XL)")
+    refine.add_argument("--refiner-dir", help="the refiner model: a converted MS-Vid2Vid-XL folder (python -m st2v_jax.convert.vid2vid), or a converted or diffusers text-to-video folder (e.g. zeroscope_v2_XL)")
     refine.add_argument("--refiner-chunk", type=int, default=24)
     refine.add_argument("--refiner-overlap", type=int, default=8)
     refine.add_argument("--refiner-strength", type=float, default=0.6, help="noise level to refine from (0.6: timestep ~600 of 1000)")
-    refine.add_argument("--refiner-steps", type=int, default=50)
+    refine.add_argument("--refiner-steps", type=int, default=None, help="solver steps (default: 30 with MS-Vid2Vid-XL, as the release; 50 otherwise)")
     refine.add_argument("--refiner-guidance", type=float, default=7.5)
     refine.add_argument("--refiner-height", type=int, default=720)
     refine.add_argument("--refiner-width", type=int, default=720)
     refine.add_argument("--refiner-chunks-per-batch", type=int, default=1, help="chunks denoised together (memory vs speed)")
+    refine.add_argument("--refiner-letterbox", action="store_true", help="MS-Vid2Vid-XL: keep the release's whole 1280x720 letterboxed canvas instead of the 720x720 content")
     p.add_argument("--skip-checksums", action="store_true", help="verify converted weights by size only (faster start)")
     return p
 
@@ -162,10 +163,28 @@ def _refiner_config(args: argparse.Namespace, num_frames: int):
         raise UsageError("--refine needs --refiner-dir (a text-to-video model to refine with)")
     if not pathlib.Path(args.refiner_dir).exists():
         raise UsageError(f"--refiner-dir {args.refiner_dir}: no such file or folder")
+    from st2v_jax.generation.vid2vid_refiner import Vid2VidRefinerConfig, is_vid2vid_model
+
+    if is_vid2vid_model(args.refiner_dir):
+        if (args.refiner_height, args.refiner_width) != (720, 720):
+            raise UsageError("MS-Vid2Vid-XL refines on the release's 1280x720 canvas; --refiner-height/--refiner-width do not apply (see --refiner-letterbox)")
+        try:
+            config = Vid2VidRefinerConfig(
+                chunk=args.refiner_chunk, overlap=args.refiner_overlap, num_steps=30 if args.refiner_steps is None else args.refiner_steps,
+                start_timestep=round(args.refiner_strength * 1000) - 1, guidance=args.refiner_guidance,
+                chunks_per_batch=args.refiner_chunks_per_batch, letterbox=args.refiner_letterbox,
+            )
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        if num_frames < config.chunk:
+            raise UsageError(f"--refiner-chunk {config.chunk} is longer than the video ({num_frames} frames)")
+        return config
+    if args.refiner_letterbox:
+        raise UsageError("--refiner-letterbox applies to the MS-Vid2Vid-XL refiner only")
     try:
         config = RefinerConfig(
             chunk=args.refiner_chunk, overlap=args.refiner_overlap, strength=args.refiner_strength,
-            num_inference_steps=args.refiner_steps, chunks_per_batch=args.refiner_chunks_per_batch,
+            num_inference_steps=50 if args.refiner_steps is None else args.refiner_steps, chunks_per_batch=args.refiner_chunks_per_batch,
             height=args.refiner_height, width=args.refiner_width,
         )
     except ValueError as err:
@@ -278,12 +297,17 @@ def run(argv: Optional[Sequence[str]] = None) -> pathlib.Path:
     )
     if refiner_config is not None:
         from st2v_jax.generation.long_video import Refiner
+        from st2v_jax.generation.vid2vid_refiner import Vid2VidRefiner, Vid2VidRefinerConfig
         from st2v_jax.generation.video_writer import VideoOutput
 
-        refiner = Refiner.from_pretrained(args.refiner_dir, checksums=not args.skip_checksums)
-        refined = refiner.refine(np.asarray(state.frames()), storyboard[0].prompt, args.negative_prompt, refiner_config, args.refiner_guidance, args.seed)
+        if isinstance(refiner_config, Vid2VidRefinerConfig):
+            refiner = Vid2VidRefiner.from_pretrained(args.refiner_dir, checksums=not args.skip_checksums)
+            refined = refiner.refine(np.asarray(state.frames()), storyboard[0].prompt, args.negative_prompt, refiner_config, args.seed)
+        else:
+            refiner = Refiner.from_pretrained(args.refiner_dir, checksums=not args.skip_checksums)
+            refined = refiner.refine(np.asarray(state.frames()), storyboard[0].prompt, args.negative_prompt, refiner_config, args.refiner_guidance, args.seed)
         refine_settings = dict(run_settings, refiner=dict(dataclasses.asdict(refiner_config), model=str(args.refiner_dir), guidance=args.refiner_guidance))
-        with VideoOutput(out, args.fps, refiner_config.height, refiner_config.width, settings=refine_settings, seed=settings.seed) as video:
+        with VideoOutput(out, args.fps, refined.shape[1], refined.shape[2], settings=refine_settings, seed=settings.seed) as video:
             video.write(refined)
         state.finish()
     return out

@@ -20,6 +20,7 @@ from st2v_jax.models.clip import CLIPTextConfig, CLIPTextTransformer, OpenCLIPVi
 from st2v_jax.models.streaming import StreamingConfig, StreamingUNet3D
 from st2v_jax.models.unet3d import UNet3D, UNet3DConfig
 from st2v_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
+from st2v_jax.models.vid2vid_unet import Vid2VidUNet, Vid2VidUNetConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,16 @@ def _streaming_inputs(config: StreamingConfig) -> tuple:
     )
 
 
+def _vid2vid_unet_inputs(config: Vid2VidUNetConfig) -> tuple:
+    # The smallest latent its down/upsampling accepts: height 2 + 2^d, width 2^d (d downsamplings).
+    size = _smallest_size(config.widths)
+    return (
+        jnp.zeros((1, 1, size + 2, size, config.in_dim)),
+        jnp.zeros((), jnp.int32),
+        jnp.zeros((1, 1, config.context_dim)),
+    )
+
+
 def _vae_inputs(config: AutoencoderKLConfig) -> tuple:
     size = _smallest_size(config.block_out_channels)
     return (jnp.zeros((1, size, size, config.in_channels)),)
@@ -85,6 +96,13 @@ COMPONENTS: dict[str, Component] = {
             StreamingUNet3D,
             _streaming_inputs,
             StreamingUNet3D.predict,
+        ),
+        Component(
+            "vid2vid_unet",
+            "MS-Vid2Vid-XL video UNet (modelscope Vid2VidSDUNet arguments)",
+            Vid2VidUNetConfig.from_modelscope,
+            Vid2VidUNet,
+            _vid2vid_unet_inputs,
         ),
         Component("vae", "AutoencoderKL (diffusers vae/config.json)", AutoencoderKLConfig.from_diffusers, AutoencoderKL, _vae_inputs),
         Component(

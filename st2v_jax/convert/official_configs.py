@@ -72,3 +72,19 @@ MS_1_7B_SCHEDULER = {
     "set_alpha_to_one": False,
     "steps_offset": 1,
 }
+
+# MS-Vid2Vid-XL's video UNet (the official refiner): the `Vid2VidSDUNet` defaults that
+# modelscope's VideoToVideo builds it with (= the `UNet` entry of its config, minus options
+# that change nothing at inference). Its VAE is SD 2.1's (= MS_1_7B_VAE) and its text encoder
+# OpenCLIP ViT-H/14's penultimate layer (= MS_1_7B_TEXT_ENCODER's 23 layers).
+MS_VID2VID_XL_UNET = {
+    "in_dim": 4,
+    "dim": 320,
+    "context_dim": 1024,
+    "out_dim": 4,
+    "dim_mult": [1, 2, 4, 4],
+    "num_heads": 8,
+    "head_dim": 64,
+    "num_res_blocks": 2,
+    "attn_scales": [1.0, 0.5, 0.25],
+}

@@ -190,13 +190,13 @@ def stitch_x0(
     return jnp.moveaxis(stitched, 0, 1)
 
 
-def _chunks_of(video: Array, starts: Sequence[int], chunk: int) -> Array:
+def chunks_of(video: Array, starts: Sequence[int], chunk: int) -> Array:
     """(B, F, ...) -> (K, B, chunk, ...)."""
     frame_index = np.asarray(starts)[:, None] + np.arange(chunk)
     return jnp.moveaxis(jnp.take(video, frame_index, axis=1), 1, 0)
 
 
-def _denoise_in_groups(denoise: Denoiser, chunks: Array, t: Array, chunks_per_batch: int) -> Array:
+def denoise_in_groups(denoise: Denoiser, chunks: Array, t: Array, chunks_per_batch: int) -> Array:
     """Model outputs for (K, B, chunk, ...) chunks, `chunks_per_batch` chunks per call, groups
     one after another (lax.map) so only one group's activations are alive at a time."""
     num_chunks, batch = chunks.shape[:2]
@@ -249,7 +249,7 @@ def _check_latents(latents: Array, config: RefinerConfig) -> None:
         raise ValueError(f"the video has {latents.shape[1]} frames, fewer than the refiner chunk of {config.chunk}")
 
 
-def _as_jit_argument(denoise: Denoiser) -> jax.tree_util.Partial:
+def as_jit_argument(denoise: Denoiser) -> jax.tree_util.Partial:
     # A Partial is a pytree whose leaves are its bound arrays (e.g. params), so they enter the
     # jitted loop as arguments rather than as constants baked into the program.
     return denoise if isinstance(denoise, jax.tree_util.Partial) else jax.tree_util.Partial(denoise)
@@ -272,7 +272,7 @@ def refine_latents(
     """
     _check_latents(latents, config)
     refinement_timesteps(schedule, config)  # raises on a strength / start that runs no step
-    return _refine_latents_jit(_as_jit_argument(denoise), schedule, config, latents, key, initial_noise)
+    return _refine_latents_jit(as_jit_argument(denoise), schedule, config, latents, key, initial_noise)
 
 
 def _refine_latents(
@@ -312,8 +312,8 @@ def _refine_latents(
         sample, solver_state = carry
         i, step_key = inputs
         blend_key, noise_key = jax.random.split(step_key)
-        chunks = _chunks_of(sample, starts, config.chunk)
-        outputs = _denoise_in_groups(denoise, chunks, timesteps[i], config.chunks_per_batch)
+        chunks = chunks_of(sample, starts, config.chunk)
+        outputs = denoise_in_groups(denoise, chunks, timesteps[i], config.chunks_per_batch)
         chunk_x0s, _ = prediction_to_x0_and_eps(
             schedule.prediction_type, outputs.astype(jnp.float32), chunks, signal_scales[i], noise_scales[i]
         )
@@ -374,7 +374,7 @@ def refine_video(
         )
     refinement_timesteps(schedule, config)
     return _refine_video_jit(
-        _as_jit_argument(denoise), schedule, config, vae, vae_params, frames, key, vae_chunk_size
+        as_jit_argument(denoise), schedule, config, vae, vae_params, frames, key, vae_chunk_size
     )
 
 
