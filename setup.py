@@ -18,6 +18,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["st2v_jax", "st2v_jax.*"]),
     include_package_data=True,
+    package_data={"st2v_jax.metrics": ["paper_prompts.txt"]},
     install_requires=[
         "jax>=0.6",
         "flax>=0.10",
@@ -30,9 +31,18 @@ setup(
         "transformers>=5",
         # Pillow: reading --image start frames (and resizing --extend videos).
         "Pillow",
-        # ml_collections: the config files in configs/.
+        # ml_collections: the config files in configs/ (and absl flags for `st2v_jax.train` overrides).
         "ml_collections",
+        "absl-py",
         "tqdm",
+        # Training: optax optimizers; TFDS builders read without TensorFlow (array_record files),
+        # which needs etils' epath extra; TensorBoard event files without TensorFlow.
+        "optax",
+        "tensorflow-datasets>=4.9",
+        "etils[epath]",
+        "tensorboardX",
+        # scenedetect: SCuts (PySceneDetect's AdaptiveDetector, as in the paper); it pulls opencv-python.
+        "scenedetect>=0.7.2",
     ],
     extras_require={
         # PyTorch reference oracles for the parity tests. torch comes from the CPU wheel, and
@@ -45,7 +55,16 @@ setup(
             "diffusers>=0.40",
             # kornia: oracle of the official APM image preprocessing (kornia's resize).
             "kornia",
+            # einops: needed by modelscope's MS-Vid2Vid-XL modules, the refiner's oracle (modelscope
+            # itself is installed with --no-deps, see the README's test command).
+            "einops",
         ],
     },
-    entry_points={"console_scripts": ["st2v-convert=st2v_jax.convert.__main__:main"]},
+    entry_points={
+        "console_scripts": [
+            "st2v-convert=st2v_jax.convert.__main__:main",
+            "st2v-train=st2v_jax.train:main",
+            "st2v-evaluate=st2v_jax.evaluate:main",
+        ]
+    },
 )

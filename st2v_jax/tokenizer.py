@@ -46,6 +46,25 @@ def tokenize(
     return encoded.input_ids.astype(np.int32), cut
 
 
+def word_merges(words: Sequence[str]) -> list[tuple[str, str]]:
+    """BPE merges that make each (lower-case, ASCII) word a single token: its prefixes are
+    merged left to right, ending with the word-final symbol ("red" -> r+e, re+d</w>).
+
+    Longer words' merges rank first: BPE applies the best-ranked pair first, so a shorter
+    word's merge (a+n of "and") would otherwise split a longer word's chain ("triangle")."""
+    merges: list[tuple[str, str]] = []
+    for word in sorted(words, key=len, reverse=True):
+        if not (word.isascii() and word.isalpha() and word.islower()):
+            raise ValueError(f"tokenizer words must be lower-case ASCII letters, got {word!r}")
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        prefix = symbols[0]
+        for symbol in symbols[1:]:
+            if (prefix, symbol) not in merges:
+                merges.append((prefix, symbol))
+            prefix = prefix + symbol
+    return merges
+
+
 def write_byte_level_tokenizer(directory: str | os.PathLike, merges: Sequence[tuple[str, str]] = ()) -> pathlib.Path:
     """Writes a CLIP tokenizer folder (hub layout) over the 256 byte symbols plus `merges`."""
     from tokenizers import pre_tokenizers

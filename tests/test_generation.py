@@ -184,3 +184,16 @@ def test_hub_repo_id_offline_gives_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(sample.UsageError, match="fetching it from the Hugging Face hub failed.*pass the local folder"):
         sample._resolve_model("PAIR/StreamingT2V-does-not-exist")
+
+
+def test_domain_words_become_single_tokens(tmp_path):
+    from st2v_jax.tokenizer import load_tokenizer, word_merges, write_byte_level_tokenizer
+
+    words = ["a", "and", "bouncing", "triangle", "circle", "purple", "on", "background", "black"]
+    tokenizer = load_tokenizer(write_byte_level_tokenizer(tmp_path / "tok", word_merges(words)))
+    for word in words:
+        assert tokenizer.convert_ids_to_tokens(tokenizer(word).input_ids) == ["<|startoftext|>", f"{word}</w>", "<|endoftext|>"]
+    # Longer words merge first: without that, "and"'s a+n would split "triangle".
+    assert tokenizer.convert_ids_to_tokens(tokenizer("triangle and").input_ids)[1:3] == ["triangle</w>", "and</w>"]
+    with pytest.raises(ValueError, match="lower-case ASCII"):
+        word_merges(["Red"])

@@ -20,7 +20,7 @@ from st2v_jax.config_files import load_config_file
 from st2v_jax.convert.components import random_pretrained
 from st2v_jax.convert.official_configs import MS_1_7B_SCHEDULER
 from st2v_jax.convert.sources import from_diffusers_dir, from_official_checkpoint
-from st2v_jax.tokenizer import write_byte_level_tokenizer
+from st2v_jax.tokenizer import word_merges, write_byte_level_tokenizer
 
 
 def _streaming_configs(path: Optional[str]) -> Optional[dict]:
@@ -30,9 +30,9 @@ def _streaming_configs(path: Optional[str]) -> Optional[dict]:
     return {"streaming": config}
 
 
-def _default_files(scratch: pathlib.Path) -> dict[str, pathlib.Path]:
-    """A byte-level tokenizer and ModelScope's scheduler config for a random model."""
-    tokenizer = write_byte_level_tokenizer(scratch / "tokenizer")
+def _default_files(scratch: pathlib.Path, words: Sequence[str] = ()) -> dict[str, pathlib.Path]:
+    """A byte-level tokenizer (`words` as single tokens) and ModelScope's scheduler config for a random model."""
+    tokenizer = write_byte_level_tokenizer(scratch / "tokenizer", word_merges(words))
     (scratch / "scheduler_config.json").write_text(json.dumps(MS_1_7B_SCHEDULER))
     files = {f"tokenizer/{p.name}": p for p in tokenizer.iterdir()}
     files["scheduler/scheduler_config.json"] = scratch / "scheduler_config.json"
@@ -70,8 +70,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.source == "official":
             model = from_official_checkpoint(args.checkpoint, _streaming_configs(args.config), args.base_model_dir)
         else:
-            model = random_pretrained(load_config_file(args.config).to_dict(), args.seed)
-            model.files = _default_files(pathlib.Path(scratch))
+            configs = load_config_file(args.config).to_dict()
+            words = configs.pop("tokenizer_words", ())
+            model = random_pretrained(configs, args.seed)
+            model.files = _default_files(pathlib.Path(scratch), words)
         save_converted(model, out, overwrite=args.overwrite)
     print(f"converted {', '.join(model.params)} -> {out} in {time.time() - start:.1f} s")
     return 0

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import os
 import pathlib
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
 
 
-def _fit(image: Image.Image, height: int, width: int) -> np.ndarray:
+def fit_frame(image: Image.Image, height: int, width: int) -> np.ndarray:
+    """Centre-crop to the aspect ratio of (height, width), then Lanczos-resize -> uint8 (height, width, 3)."""
     w, h = image.size
     target = width / height
     if w / h > target:  # too wide: crop the sides
@@ -30,25 +32,32 @@ def load_image(path: str | os.PathLike, height: int, width: int) -> np.ndarray:
         raise FileNotFoundError(f"image not found: {path}")
     try:
         with Image.open(path) as image:
-            return _fit(image, height, width)[None]
+            return fit_frame(image, height, width)[None]
     except OSError as err:
         raise ValueError(f"{path} is not a readable image ({err})") from None
 
 
-def load_video(path: str | os.PathLike, height: int, width: int) -> np.ndarray:
-    """A video file -> uint8 (F, height, width, 3)."""
+def iter_video_frames(path: str | os.PathLike, height: int, width: int) -> Iterator[np.ndarray]:
+    """Decodes a video file one frame at a time -> uint8 (height, width, 3) frames."""
     import imageio_ffmpeg
 
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"video not found: {path}")
+    reader = imageio_ffmpeg.read_frames(str(path))
     try:
-        reader = imageio_ffmpeg.read_frames(str(path))
-        meta = next(reader)
-        w, h = meta["size"]
-        frames = [_fit(Image.frombuffer("RGB", (w, h), raw, "raw", "RGB", 0, 1), height, width) for raw in reader]
+        w, h = next(reader)["size"]
+        for raw in reader:
+            yield fit_frame(Image.frombuffer("RGB", (w, h), raw, "raw", "RGB", 0, 1), height, width)
     except (RuntimeError, OSError, StopIteration) as err:
         raise ValueError(f"{path} is not a readable video ({err})") from None
+    finally:
+        reader.close()  # stops ffmpeg when the caller stops early
+
+
+def load_video(path: str | os.PathLike, height: int, width: int) -> np.ndarray:
+    """A video file -> uint8 (F, height, width, 3)."""
+    frames = list(iter_video_frames(path, height, width))
     if not frames:
         raise ValueError(f"{path} has no frames")
     return np.stack(frames)

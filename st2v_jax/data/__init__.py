@@ -1,0 +1,1 @@
+"""Training data: the st2v_shapes and video-folder TFDS builders, and the input pipeline."""
