@@ -35,11 +35,12 @@ setup(
         "ml_collections",
         "absl-py",
         "tqdm",
-        # Training: optax optimizers; TFDS builders read without TensorFlow (array_record files),
-        # which needs etils' epath extra; TensorBoard event files without TensorFlow.
+        # Training: optax optimizers; TFDS builders written and read without TensorFlow
+        # (array_record files; tfds then imports importlib_resources without declaring it);
+        # TensorBoard event files without TensorFlow.
         "optax",
         "tensorflow-datasets>=4.9",
-        "etils[epath]",
+        "importlib_resources",
         "tensorboardX",
         # scenedetect: SCuts (PySceneDetect's AdaptiveDetector, as in the paper); it pulls opencv-python.
         "scenedetect>=0.7.2",

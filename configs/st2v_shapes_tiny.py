@@ -1,7 +1,8 @@
 """st2v-shapes-tiny: the embedded default model's architecture (trained on st2v_shapes,
 64x64 px). Official structure (16-frame chunks, 8 CAM frames, 77 text tokens, APM) at toy
 widths: the VAE compresses 8x to 8x8x8 latents; the UNet3D attends at both of its levels.
-`tokenizer_words` become single tokens of the byte-level CLIP tokenizer.
+`tokenizer_words` become single tokens of the byte-level CLIP tokenizer; `sampling` holds
+the model's sampling defaults (kept in its folder as sampling.json).
 
     python -m st2v_jax.convert random --config configs/st2v_shapes_tiny.py --out outputs/shapes/init
 """
@@ -65,6 +66,8 @@ def get_config() -> ml_collections.ConfigDict:
                 "embed_dim": WIDTH,
                 "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 16},
             },
+            # Defaults of `python -m st2v_jax.sample` for this model (SamplingSettings fields).
+            "sampling": {"steps": 10, "init_steps": 10, "guidance": 5.0, "init_guidance": 5.0, "eta": 0.0},
             "tokenizer_words": [
                 "a", "and", "bouncing", "on", "black", "background",
                 "red", "green", "blue", "yellow", "purple", "white",

@@ -13,6 +13,7 @@ before anything is restored.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -40,10 +41,11 @@ class CheckpointError(ValueError):
     """A converted checkpoint that is incomplete, corrupt, or does not match its config."""
 
 
-def _checkpointer() -> ocp.Checkpointer:
-    # One tensorstore array per parameter rather than OCDBT's shared files: saving then
-    # writes straight from the params' memory (OCDBT staged a full extra copy).
-    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False))
+def _checkpointer(compact: bool = False) -> ocp.Checkpointer:
+    # By default one tensorstore array per parameter rather than OCDBT's shared files: saving
+    # then writes straight from the params' memory (OCDBT staged a full extra copy). `compact`
+    # (OCDBT: a few files, no per-array metadata) suits small models shipped as files.
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=compact))
 
 
 def sha256_file(path: str | os.PathLike, block: int = 1 << 24) -> str:
@@ -61,12 +63,29 @@ def _tensor_table(params: Any) -> dict[str, dict]:
     }
 
 
-def save_converted(model: PretrainedModel, directory: str | os.PathLike, overwrite: bool = False) -> pathlib.Path:
-    """Writes `model` as a converted checkpoint folder, atomically (complete or absent)."""
+def save_converted(
+    model: PretrainedModel,
+    directory: str | os.PathLike,
+    overwrite: bool = False,
+    storage_dtype: Optional[str] = None,
+    compact: bool = False,
+) -> pathlib.Path:
+    """Writes `model` as a converted checkpoint folder, atomically (complete or absent).
+
+    `storage_dtype` (e.g. "float16") stores floating-point tensors in that precision, halving
+    the folder; they are restored as float32 all the same. `compact` writes the params into
+    a few shared files (orbax OCDBT) instead of one folder per tensor: for small models
+    shipped as files, not for multi-GB conversions (it stages an extra copy in memory)."""
     directory = pathlib.Path(directory).absolute()
+    if storage_dtype is not None:
+        dtype = np.dtype(storage_dtype)
+        if not np.issubdtype(dtype, np.floating):
+            raise ValueError(f"storage_dtype must be a floating-point type, got {storage_dtype!r}")
+        cast = lambda x: x.astype(dtype) if np.issubdtype(x.dtype, np.floating) else x
+        model = dataclasses.replace(model, params=jax.tree.map(cast, model.params))
     sources = [{"name": p.name, "size": p.stat().st_size, "sha256": sha256_file(p)} for p in model.sources]
     with atomic_directory(directory, overwrite=overwrite) as tmp:
-        _checkpointer().save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(model.params))
+        _checkpointer(compact).save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(model.params))
         for relative, source in model.files.items():
             (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, tmp / relative)
@@ -141,11 +160,16 @@ def verify_configs(manifest: dict, configs: Optional[dict[str, dict]] = None) ->
 
 
 def _restore_args(manifest: dict) -> ocp.args.PyTreeRestore:
-    """Restore every tensor as a host (CPU) array of its manifest shape and dtype."""
+    """Restore every tensor as a host (CPU) array of its manifest shape; floating-point
+    tensors as float32 whatever their storage precision."""
     host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    restored_dtype = lambda name: np.float32 if np.issubdtype(np.dtype(name), np.floating) else np.dtype(name)
     target = {
         name: traverse_util.unflatten_dict(
-            {tuple(path.split("/")): jax.ShapeDtypeStruct(tuple(t["shape"]), np.dtype(t["dtype"]), sharding=host) for path, t in entry["tensors"].items()}
+            {
+                tuple(path.split("/")): jax.ShapeDtypeStruct(tuple(t["shape"]), restored_dtype(t["dtype"]), sharding=host)
+                for path, t in entry["tensors"].items()
+            }
         )
         for name, entry in manifest["components"].items()
     }

@@ -43,13 +43,19 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--image", help="start from this image: it opens the video, is the APM anchor and the first conditioning")
     start.add_argument("--extend", help="continue this video: its first frame is the anchor, its last frames condition CAM")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps per streaming chunk")
-    p.add_argument("--init-steps", type=int, default=50, help="DPM-Solver++ steps of the first chunk")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance of the streaming chunks")
+    # Sampling options left unset take the model folder's sampling.json, then the release's values.
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps per streaming chunk (release: 50)")
+    p.add_argument("--init-steps", type=int, default=None, help="DPM-Solver++ steps of the first chunk (release: 50)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance of the streaming chunks (release: 7.5)")
     p.add_argument("--anchor-guidance", type=float, default=None, help="paper's separate anchor guidance weight (default: the release's single weight)")
-    p.add_argument("--init-guidance", type=float, default=9.0, help="guidance of the first chunk")
-    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta")
-    p.add_argument("--model-dir", required=True, help="converted st2v_jax folder, diffusers folder, official checkpoint file, or a hub repo id")
+    p.add_argument("--init-guidance", type=float, default=None, help="guidance of the first chunk (release: 9)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta (release: 1)")
+    p.add_argument(
+        "--model-dir",
+        default=None,
+        help="converted st2v_jax folder, diffusers folder, official checkpoint file, or a hub repo id "
+        "(default: the embedded st2v-shapes-tiny model)",
+    )
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--out", default="outputs/video.mp4", help="mp4 path; a JSON sidecar and a .resume/ state sit beside it")
@@ -140,6 +146,36 @@ def _resolve_model(model_dir: str) -> pathlib.Path:
     raise UsageError(f"--model-dir {model_dir}: no such file or folder")
 
 
+def _embedded_model() -> pathlib.Path:
+    from st2v_jax.embedded import EMBEDDED_MODEL_DIR
+
+    if not EMBEDDED_MODEL_DIR.is_dir():
+        raise UsageError(f"no --model-dir given and the embedded model is not installed at {EMBEDDED_MODEL_DIR}; pass --model-dir")
+    return EMBEDDED_MODEL_DIR
+
+
+_SAMPLING_OPTIONS = ("steps", "init_steps", "guidance", "anchor_guidance", "init_guidance", "eta")
+
+
+def _sampling_settings(args: argparse.Namespace, pipe, num_frames: int):
+    """Command-line values, else the model's sampling.json, else the release's defaults."""
+    from st2v_jax.generation.sampler import SamplingSettings
+
+    model_defaults = pipe.model.sampling_defaults()
+    unknown = sorted(set(model_defaults) - {f.name for f in dataclasses.fields(SamplingSettings)})
+    if unknown:
+        raise UsageError(f"the model's sampling.json has unknown settings {unknown}")
+    chosen = {name: getattr(args, name) for name in _SAMPLING_OPTIONS if getattr(args, name) is not None}
+    default_h, default_w = pipe.default_resolution()
+    values = {"height": default_h, "width": default_w, **model_defaults, **chosen}
+    values.update(num_frames=num_frames, seed=args.seed)
+    if args.height:
+        values["height"] = args.height
+    if args.width:
+        values["width"] = args.width
+    return SamplingSettings(**values)
+
+
 def _chunk_layout(model_path: pathlib.Path) -> tuple[int, int]:
     """(frames per chunk, new frames per chunk) from a converted folder's manifest, without loading weights."""
     from st2v_jax.checkpoint import MANIFEST, read_manifest
@@ -214,7 +250,7 @@ def run(argv: Optional[Sequence[str]] = None) -> pathlib.Path:
     num_frames = sum(entry.frames for entry in storyboard)
     out = pathlib.Path(args.out)
     _check_writable(out)
-    model_path = _resolve_model(args.model_dir)
+    model_path = _resolve_model(args.model_dir) if args.model_dir is not None else _embedded_model()
     start_path = args.image or args.extend
     if start_path is not None:
         if args.storyboard is not None:
@@ -236,15 +272,9 @@ def run(argv: Optional[Sequence[str]] = None) -> pathlib.Path:
     # --- the model
     from st2v_jax.generation.long_video import chunk_prompts, encode_prompts, generate_long_video, generate_whole_video
     from st2v_jax.generation.pipeline import StreamingT2VPipeline
-    from st2v_jax.generation.sampler import SamplingSettings
 
     pipe = StreamingT2VPipeline.from_pretrained(model_path, checksums=not args.skip_checksums)
-    default_h, default_w = pipe.default_resolution()
-    settings = SamplingSettings(
-        num_frames=num_frames, steps=args.steps, guidance=args.guidance, anchor_guidance=args.anchor_guidance, eta=args.eta,
-        init_steps=args.init_steps, init_guidance=args.init_guidance, seed=args.seed,
-        height=args.height or default_h, width=args.width or default_w,
-    )
+    settings = _sampling_settings(args, pipe, num_frames)
     multiple = pipe.vae_downscale * 2 ** (len(pipe.config["unet"].block_out_channels) - 1)
     if settings.height % multiple or settings.width % multiple:
         raise UsageError(f"--height/--width must be multiples of {multiple} for this model (got {settings.height}x{settings.width})")

@@ -137,3 +137,21 @@ def test_killed_writer_leaves_the_previous_output(tmp_path, kind):
         with atomic_directory(target, overwrite=True) as tmp:
             (tmp / "fresh").write_bytes(b"new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["output"]
+
+
+def test_half_precision_compact_folder_restores_float32(tiny_model_dir, tmp_path):
+    """The embedded model's storage: float16 tensors in a few shared files, float32 on load."""
+    import jax
+
+    from st2v_jax.embedded import folder_bytes
+
+    model = load_converted(tiny_model_dir)
+    save_converted(model, tmp_path / "half", storage_dtype="float16", compact=True)
+    half = load_converted(tmp_path / "half")
+    for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(half.params)):
+        assert b.dtype == np.float32
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-3, atol=1e-4)
+    assert folder_bytes(tmp_path / "half") < 0.6 * folder_bytes(tiny_model_dir)
+    assert len(list((tmp_path / "half").rglob("*"))) < 100
+    with pytest.raises(ValueError, match="floating-point"):
+        save_converted(model, tmp_path / "int", storage_dtype="int8")

@@ -197,3 +197,38 @@ def test_domain_words_become_single_tokens(tmp_path):
     assert tokenizer.convert_ids_to_tokens(tokenizer("triangle and").input_ids)[1:3] == ["triangle</w>", "and</w>"]
     with pytest.raises(ValueError, match="lower-case ASCII"):
         word_merges(["Red"])
+
+
+def test_sampling_options_come_from_the_command_line_then_the_model_then_the_release(tmp_path):
+    import types
+
+    from st2v_jax import sample
+    from st2v_jax.convert.components import SAMPLING_DEFAULTS_FILE, PretrainedModel
+
+    (tmp_path / SAMPLING_DEFAULTS_FILE).write_text(json.dumps({"steps": 10, "guidance": 5.0, "height": 64}))
+    pipe = types.SimpleNamespace(
+        model=PretrainedModel({}, {}, files={SAMPLING_DEFAULTS_FILE: tmp_path / SAMPLING_DEFAULTS_FILE}),
+        default_resolution=lambda: (32, 48),
+    )
+    args = sample._parser().parse_args(["--prompt", "x", "--guidance", "3"])
+    settings = sample._sampling_settings(args, pipe, 24)
+    assert (settings.guidance, settings.steps, settings.init_steps, settings.eta) == (3.0, 10, 50, 1.0)
+    assert (settings.height, settings.width, settings.num_frames) == (64, 48, 24)
+    (tmp_path / SAMPLING_DEFAULTS_FILE).write_text(json.dumps({"stepz": 10}))
+    with pytest.raises(sample.UsageError, match="unknown settings.*stepz"):
+        sample._sampling_settings(args, pipe, 24)
+
+
+def test_packaging_the_embedded_model(tiny_model_dir, tmp_path, monkeypatch):
+    from st2v_jax import embedded
+    from st2v_jax.pretrained import load_pretrained
+
+    config = tmp_path / "model_config.py"
+    config.write_text("def get_config():\n    return {'sampling': {'steps': 7}}\n")
+    size = embedded.package_model(tiny_model_dir, config, tmp_path / "packaged")
+    packaged = load_pretrained(tmp_path / "packaged")
+    assert packaged.sampling_defaults() == {"steps": 7}
+    assert size == embedded.folder_bytes(tmp_path / "packaged") < embedded.SIZE_LIMIT_BYTES
+    monkeypatch.setattr(embedded, "SIZE_LIMIT_BYTES", size - 1)
+    with pytest.raises(ValueError, match=r"packaged model is .* MB, over the .* MB"):
+        embedded.package_model(tiny_model_dir, config, tmp_path / "packaged")

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 from st2v_jax.checkpoint import save_converted
 from st2v_jax.config_files import load_config_file
-from st2v_jax.convert.components import random_pretrained
+from st2v_jax.convert.components import SAMPLING_DEFAULTS_FILE, random_pretrained
 from st2v_jax.convert.official_configs import MS_1_7B_SCHEDULER
 from st2v_jax.convert.sources import from_diffusers_dir, from_official_checkpoint
 from st2v_jax.tokenizer import word_merges, write_byte_level_tokenizer
@@ -30,12 +30,16 @@ def _streaming_configs(path: Optional[str]) -> Optional[dict]:
     return {"streaming": config}
 
 
-def _default_files(scratch: pathlib.Path, words: Sequence[str] = ()) -> dict[str, pathlib.Path]:
-    """A byte-level tokenizer (`words` as single tokens) and ModelScope's scheduler config for a random model."""
+def _default_files(scratch: pathlib.Path, words: Sequence[str] = (), sampling: Optional[dict] = None) -> dict[str, pathlib.Path]:
+    """A byte-level tokenizer (`words` as single tokens), ModelScope's scheduler config and
+    the config's sampling defaults, if any, for a random model."""
     tokenizer = write_byte_level_tokenizer(scratch / "tokenizer", word_merges(words))
     (scratch / "scheduler_config.json").write_text(json.dumps(MS_1_7B_SCHEDULER))
     files = {f"tokenizer/{p.name}": p for p in tokenizer.iterdir()}
     files["scheduler/scheduler_config.json"] = scratch / "scheduler_config.json"
+    if sampling:
+        (scratch / SAMPLING_DEFAULTS_FILE).write_text(json.dumps(sampling, indent=1))
+        files[SAMPLING_DEFAULTS_FILE] = scratch / SAMPLING_DEFAULTS_FILE
     return files
 
 
@@ -71,9 +75,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             model = from_official_checkpoint(args.checkpoint, _streaming_configs(args.config), args.base_model_dir)
         else:
             configs = load_config_file(args.config).to_dict()
-            words = configs.pop("tokenizer_words", ())
+            words, sampling = configs.pop("tokenizer_words", ()), configs.pop("sampling", None)
             model = random_pretrained(configs, args.seed)
-            model.files = _default_files(pathlib.Path(scratch), words)
+            model.files = _default_files(pathlib.Path(scratch), words, sampling)
         save_converted(model, out, overwrite=args.overwrite)
     print(f"converted {', '.join(model.params)} -> {out} in {time.time() - start:.1f} s")
     return 0

@@ -123,6 +123,9 @@ COMPONENTS: dict[str, Component] = {
 }
 
 
+SAMPLING_DEFAULTS_FILE = "sampling.json"
+
+
 @dataclasses.dataclass
 class PretrainedModel:
     """Params of each component in our layout, with the source config that describes it.
@@ -152,6 +155,12 @@ class PretrainedModel:
             if name in self.files:
                 return pathlib.Path(self.files[name]).parent
         return None
+
+    def sampling_defaults(self) -> dict:
+        """The kept sampling.json: sampling settings this model was made for (e.g. fewer steps
+        for a small model), as SamplingSettings field names; {} when none was kept."""
+        path = self.files.get(SAMPLING_DEFAULTS_FILE)
+        return json.loads(pathlib.Path(path).read_text()) if path else {}
 
     def scheduler_config(self) -> dict:
         """The kept scheduler/scheduler_config.json, or ModelScope ms-1.7b's when none was kept."""

@@ -1,0 +1,62 @@
+"""The embedded default model, st2v-shapes-tiny: where the package keeps it, and how a
+trained model folder becomes it.
+
+    python -m st2v_jax.embedded --model-dir outputs/shapes/streaming/model --config configs/st2v_shapes_tiny.py
+
+packages the folder the last training stage exported (see configs/train_shapes_tiny.py):
+weights stored in float16 in a few shared files, the config's sampling defaults as
+`sampling.json`, everything verified by the manifest as any converted folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import tempfile
+from typing import Optional, Sequence
+
+import ml_collections
+
+from st2v_jax.checkpoint import save_converted
+from st2v_jax.config_files import load_config_file
+from st2v_jax.convert.components import SAMPLING_DEFAULTS_FILE
+from st2v_jax.pretrained import load_pretrained
+
+EMBEDDED_MODEL_DIR = pathlib.Path(__file__).resolve().parent / "assets" / "st2v-shapes-tiny"
+SIZE_LIMIT_BYTES = 25 * 1000**2
+
+
+def folder_bytes(directory: pathlib.Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
+def package_model(model_dir: str | pathlib.Path, config_path: str | pathlib.Path, out: pathlib.Path = EMBEDDED_MODEL_DIR) -> int:
+    """Writes the packaged model to `out`; returns its size in bytes (refused above 25 MB)."""
+    model = load_pretrained(model_dir)
+    sampling = ml_collections.ConfigDict(load_config_file(config_path)).to_dict().get("sampling")
+    with tempfile.TemporaryDirectory() as scratch:
+        if sampling:
+            path = pathlib.Path(scratch) / SAMPLING_DEFAULTS_FILE
+            path.write_text(json.dumps(sampling, indent=1))
+            model.files = {**model.files, SAMPLING_DEFAULTS_FILE: path}
+        save_converted(model, out, overwrite=True, storage_dtype="float16", compact=True)
+    size = folder_bytes(out)
+    if size > SIZE_LIMIT_BYTES:
+        raise ValueError(f"the packaged model is {size / 1e6:.1f} MB, over the {SIZE_LIMIT_BYTES / 1e6:.0f} MB the package allows")
+    return size
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m st2v_jax.embedded", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", required=True, help="the trained model folder (the streaming stage's <workdir>/model)")
+    parser.add_argument("--config", required=True, help="the model's config file (its `sampling` entry becomes sampling.json)")
+    parser.add_argument("--out", default=str(EMBEDDED_MODEL_DIR))
+    args = parser.parse_args(argv)
+    size = package_model(args.model_dir, args.config, pathlib.Path(args.out))
+    print(f"packaged {args.model_dir} -> {args.out} ({size / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
