@@ -161,10 +161,10 @@ def _sampling_settings(args: argparse.Namespace, pipe, num_frames: int):
     """Command-line values, else the model's sampling.json, else the release's defaults."""
     from st2v_jax.generation.sampler import SamplingSettings
 
-    model_defaults = pipe.model.sampling_defaults()
-    unknown = sorted(set(model_defaults) - {f.name for f in dataclasses.fields(SamplingSettings)})
-    if unknown:
-        raise UsageError(f"the model's sampling.json has unknown settings {unknown}")
+    try:
+        model_defaults = SamplingSettings.checked_overrides(pipe.model.sampling_defaults(), "the model's sampling.json")
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     chosen = {name: getattr(args, name) for name in _SAMPLING_OPTIONS if getattr(args, name) is not None}
     default_h, default_w = pipe.default_resolution()
     values = {"height": default_h, "width": default_w, **model_defaults, **chosen}

@@ -215,7 +215,7 @@ def test_sampling_options_come_from_the_command_line_then_the_model_then_the_rel
     assert (settings.guidance, settings.steps, settings.init_steps, settings.eta) == (3.0, 10, 50, 1.0)
     assert (settings.height, settings.width, settings.num_frames) == (64, 48, 24)
     (tmp_path / SAMPLING_DEFAULTS_FILE).write_text(json.dumps({"stepz": 10}))
-    with pytest.raises(sample.UsageError, match="unknown settings.*stepz"):
+    with pytest.raises(sample.UsageError, match="unknown keys.*stepz"):
         sample._sampling_settings(args, pipe, 24)
 
 

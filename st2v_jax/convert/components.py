@@ -126,6 +126,13 @@ COMPONENTS: dict[str, Component] = {
 SAMPLING_DEFAULTS_FILE = "sampling.json"
 
 
+def read_sampling_file(path: pathlib.Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); it should be an object of SamplingSettings keys") from None
+
+
 @dataclasses.dataclass
 class PretrainedModel:
     """Params of each component in our layout, with the source config that describes it.
@@ -156,11 +163,12 @@ class PretrainedModel:
                 return pathlib.Path(self.files[name]).parent
         return None
 
-    def sampling_defaults(self) -> dict:
+    def sampling_defaults(self) -> Any:
         """The kept sampling.json: sampling settings this model was made for (e.g. fewer steps
-        for a small model), as SamplingSettings field names; {} when none was kept."""
+        for a small model), as SamplingSettings field names; {} when none was kept. Check it
+        with `SamplingSettings.checked_overrides`."""
         path = self.files.get(SAMPLING_DEFAULTS_FILE)
-        return json.loads(pathlib.Path(path).read_text()) if path else {}
+        return read_sampling_file(pathlib.Path(path)) if path else {}
 
     def scheduler_config(self) -> dict:
         """The kept scheduler/scheduler_config.json, or ModelScope ms-1.7b's when none was kept."""

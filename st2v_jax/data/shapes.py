@@ -76,7 +76,7 @@ class Scene:
             dx = xs - centres[:, i, 0, None, None]
             dy = ys - centres[:, i, 1, None, None]
             # Signed distance -> coverage with a one-pixel ramp: antialiased edges.
-            coverage = np.clip(0.5 - _signed_distance(shape.kind, dx, dy, shape.radius), 0.0, 1.0)[..., None]
+            coverage = np.clip(0.5 - signed_distance(shape.kind, dx, dy, shape.radius), 0.0, 1.0)[..., None]
             video = video * (1.0 - coverage) + coverage * np.asarray(COLOURS[shape.colour], np.float64)
         return np.round(video).astype(np.uint8)
 
@@ -88,7 +88,7 @@ def _bounce(position: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return lo + np.where(u <= span, u, 2.0 * span - u)
 
 
-def _signed_distance(kind: str, dx: np.ndarray, dy: np.ndarray, radius: float) -> np.ndarray:
+def signed_distance(kind: str, dx: np.ndarray, dy: np.ndarray, radius: float) -> np.ndarray:
     if kind == "circle":
         return np.hypot(dx, dy) - radius
     if kind == "square":  # side 1.7 r: about the circle's area

@@ -28,7 +28,13 @@ Array = jax.Array
 @dataclasses.dataclass(frozen=True)
 class SamplingSettings:
     """Release defaults: streaming DDIM 50 steps, eta 1, guidance 7.5; first chunk DPM-Solver++
-    50 steps, guidance 9. `anchor_guidance` switches to the paper's two-weight guidance."""
+    50 steps, guidance 9. `anchor_guidance` switches to the paper's two-weight guidance.
+
+    `use_cam` / `use_apm` are ablation switches for measuring what each module contributes
+    (the paper's ablations): without CAM the streaming chunks see no conditioning frames
+    (the model skips CAM); without APM every guidance branch gets the null anchor's tokens
+    (a mid-grey frame's, what training feeds for a dropped anchor) instead of the anchor's.
+    Neither touches the first chunk, which uses neither module."""
 
     num_frames: int = 80
     steps: int = 50
@@ -40,6 +46,30 @@ class SamplingSettings:
     seed: int = 0
     height: int = 256
     width: int = 256
+    use_cam: bool = True
+    use_apm: bool = True
+
+    @classmethod
+    def checked_overrides(cls, values: Any, source: str) -> dict[str, Any]:
+        """`values` (e.g. a model folder's sampling.json) checked against the fields: every key
+        known, every value of its field's type. Raises ValueError naming `source`."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{source} should be a JSON object of SamplingSettings keys, got {type(values).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ValueError(f"{source}: unknown keys {unknown}; SamplingSettings has {sorted(fields)}")
+        for key, value in values.items():
+            default = fields[key].default
+            if isinstance(default, bool):
+                ok = isinstance(value, bool)
+            elif isinstance(default, int):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            else:  # float, or Optional[float] (default None)
+                ok = (isinstance(value, (int, float)) and not isinstance(value, bool)) or (value is None and default is None)
+            if not ok:
+                raise ValueError(f"{source}: {key} = {value!r} does not fit SamplingSettings.{key} (default {default!r})")
+        return dict(values)
 
     @property
     def guidance_rule(self) -> Guidance:
@@ -120,8 +150,9 @@ def make_chunk_step(pipe: StreamingT2VPipeline, settings: SamplingSettings, on_s
         chunk_index, text = xs
         latent_key, noise_key = jax.random.split(_chunk_key(settings.seed, chunk_index))
         latents = jax.random.normal(latent_key, _latent_shape(pipe, settings, text.shape[0]))
-        contexts = guidance_contexts(rule, text, constants.negative_text, constants.anchor_tokens, constants.null_anchor_tokens)
-        cond = repeat_for_branches(rule, cond_frames)
+        anchor_tokens = constants.anchor_tokens if settings.use_apm else constants.null_anchor_tokens
+        contexts = guidance_contexts(rule, text, constants.negative_text, anchor_tokens, constants.null_anchor_tokens)
+        cond = repeat_for_branches(rule, cond_frames) if settings.use_cam else None
 
         def denoise(x, step_inputs):
             i, t, prev_t = step_inputs

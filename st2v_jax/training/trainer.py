@@ -39,7 +39,7 @@ from st2v_jax.training.objective import STAGES as DENOISING_STAGES
 from st2v_jax.training.objective import ConditionDropout, DenoisingObjective
 from st2v_jax.training.optimizer import learning_rate_schedule, make_optimizer
 from st2v_jax.training.preemption import stop_on_signals
-from st2v_jax.training.step import TrainState, init_train_state, make_train_step
+from st2v_jax.training.step import init_train_state, make_train_step
 from st2v_jax.training.trainable import ParamPartition, overlay_params
 
 STAGES = ("vae", "clip") + DENOISING_STAGES
