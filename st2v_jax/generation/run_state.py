@@ -23,7 +23,7 @@ import os
 import pathlib
 import signal
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Collection
 
 import numpy as np
 
@@ -80,10 +80,11 @@ def _flatten(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 
-def _describe_differences(saved: Mapping[str, Any], requested: Mapping[str, Any]) -> list[str]:
+def describe_differences(saved: Mapping[str, Any], requested: Mapping[str, Any], ignore: Collection[str] = ()) -> list[str]:
+    """One line per dotted key whose value differs (keys in `ignore` excepted)."""
     saved_flat, requested_flat = _flatten(saved), _flatten(requested)
     lines = []
-    for key in sorted(saved_flat.keys() | requested_flat.keys()):
+    for key in sorted((saved_flat.keys() | requested_flat.keys()) - set(ignore)):
         # Compared as JSON text, as the fingerprint is: 1 and 1.0 (or true) differ there.
         before, after = (
             "(not set)" if key not in flat else _canonical_json(flat[key]) for flat in (saved_flat, requested_flat)
@@ -205,7 +206,7 @@ class RunState:
         requested = _normalised_settings(settings)
         if settings_fingerprint(requested) == self.settings_fingerprint:
             return
-        differences = "\n  ".join(_describe_differences(self.settings, requested))
+        differences = "\n  ".join(describe_differences(self.settings, requested))
         raise ResumeError(
             f"cannot resume the run in {self.directory}: its settings differ from the ones given:\n  {differences}\n"
             "Resume with the original settings, or start a new run without --resume."

@@ -29,6 +29,7 @@ from st2v_jax.checkpoint import save_converted
 from st2v_jax.convert.components import PretrainedModel
 from st2v_jax.data.pipeline import TrainingBatches, prepare, to_global_arrays
 from st2v_jax.diffusion.schedules import NoiseSchedule
+from st2v_jax.generation.run_state import describe_differences
 from st2v_jax.pretrained import load_pretrained
 from st2v_jax.tokenizer import load_tokenizer, tokenize
 from st2v_jax.training.checkpoints import TrainCheckpoints
@@ -105,17 +106,6 @@ def initialise_streaming_base(params: dict) -> dict:
     return overlay_params(params, {"streaming": {"base": params["unet"]}})
 
 
-def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif a != b and f"{prefix}{key}" not in _RESUMABLE_CHANGES:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out
-
-
 def export_model(model: PretrainedModel, trained: Any, directory: pathlib.Path, calibration_frames: Optional[np.ndarray] = None) -> pathlib.Path:
     """The initial model with the trained parameters swapped in, as a model folder. With
     `calibration_frames` (after VAE training) the VAE's latent scaling factor is re-measured."""
@@ -170,7 +160,7 @@ def train(
     start = checkpoints.latest_step() or 0
     if start:
         state, saved_meta = checkpoints.restore(start, state)
-        changed = _differences(saved_meta.get("config", {}), meta["config"])
+        changed = describe_differences(saved_meta.get("config", {}), meta["config"], ignore=_RESUMABLE_CHANGES)
         if changed:
             logging.warning("resuming %s with a changed config:\n  %s", workdir, "\n  ".join(changed))
         print(f"resuming from the checkpoint of step {start}", flush=True)
