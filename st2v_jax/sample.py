@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--prompt", help="the text of the whole video")
     what.add_argument("--storyboard", help="a prompt per segment: JSON [{\"prompt\": ..., \"frames\": N}, ...] or text lines 'N: prompt'")
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--num-frames", type=int, default=80, help="16 + 8*n; with --image/--extend: the new frames to add, 8*n")
+    p.add_argument("--num-frames", type=int, default=240, help="16 + 8*n (default 240); with --image/--extend: the new frames to add, 8*n")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--image", help="start from this image: it opens the video, is the APM anchor and the first conditioning")
     start.add_argument("--extend", help="continue this video: its first frame is the anchor, its last frames condition CAM")

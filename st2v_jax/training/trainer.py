@@ -102,8 +102,10 @@ def make_objective(config: ml_collections.ConfigDict, model: PretrainedModel, nu
 
 
 def initialise_streaming_base(params: dict) -> dict:
-    """params["streaming"]["base"] <- params["unet"] (APM's new layers keep their init)."""
-    return overlay_params(params, {"streaming": {"base": params["unet"]}})
+    """params["streaming"]["base"] <- a copy of params["unet"] (APM's new layers keep their
+    init). A copy, not the same arrays: the train step donates the trained base layers, and
+    the unet component must survive to be exported."""
+    return overlay_params(params, {"streaming": {"base": jax.tree.map(jnp.copy, params["unet"])}})
 
 
 def export_model(model: PretrainedModel, trained: Any, directory: pathlib.Path, calibration_frames: Optional[np.ndarray] = None) -> pathlib.Path:
