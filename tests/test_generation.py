@@ -229,6 +229,7 @@ def test_packaging_the_embedded_model(tiny_model_dir, tmp_path, monkeypatch):
     packaged = load_pretrained(tmp_path / "packaged")
     assert packaged.sampling_defaults() == {"steps": 7}
     assert size == embedded.folder_bytes(tmp_path / "packaged") < embedded.SIZE_LIMIT_BYTES
-    monkeypatch.setattr(embedded, "SIZE_LIMIT_BYTES", size - 1)
+    # Half, not size - 1: orbax metadata (timestamps) makes a rewrite vary by a few bytes.
+    monkeypatch.setattr(embedded, "SIZE_LIMIT_BYTES", size // 2)
     with pytest.raises(ValueError, match=r"packaged model is .* MB, over the .* MB"):
         embedded.package_model(tiny_model_dir, config, tmp_path / "packaged")

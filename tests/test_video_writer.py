@@ -326,12 +326,17 @@ def test_free_space_check_names_the_need_and_the_folder(tmp_path, monkeypatch):
 
 
 def test_interrupts_are_held_while_a_frame_is_handed_to_ffmpeg():
-    with pytest.raises(KeyboardInterrupt):
-        with video_writer._interrupts_held():
-            # raise_signal, not os.kill: the signal reaches this thread at once, where a kill
-            # could land on one of JAX's threads and be handled only after the block (flaky
-            # on a loaded machine).
-            signal.raise_signal(signal.SIGINT)
-            held_through = True
-    assert held_through
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # A job started in the background by a non-interactive shell (as CI may be) inherits
+    # SIGINT ignored, and the held interrupt is then rightly ignored too: install Python's.
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with video_writer._interrupts_held():
+                # raise_signal, not os.kill: the signal reaches this thread at once, where a
+                # kill could land on one of JAX's threads and be handled only after the block.
+                signal.raise_signal(signal.SIGINT)
+                held_through = True
+        assert held_through
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)
