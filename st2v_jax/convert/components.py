@@ -156,6 +156,10 @@ class PretrainedModel:
         """The Flax module of a component; apply it with `self.params[component]`."""
         return COMPONENTS[component].build(self.config(component))
 
+    def abstract_params(self, component: str) -> Any:
+        """Shapes and logical axis names of a component's params (nothing allocated)."""
+        return COMPONENTS[component].abstract_params(self.config(component))
+
     def tokenizer_dir(self) -> Optional[pathlib.Path]:
         """The kept `tokenizer/` folder, if it holds a CLIP tokenizer (vocab.json or tokenizer.json)."""
         for name in ("tokenizer/vocab.json", "tokenizer/tokenizer.json"):

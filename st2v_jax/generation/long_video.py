@@ -164,7 +164,7 @@ def generate_long_video(
         constants = streaming_constants(pipe, anchor_embedding, prompts.negative)
         chunk_indices = np.arange(state.next_chunk_index, num_chunks)
         for chunk_index, cond_frames, frames in sample_stream(
-            step, params, constants, cond_frames, chunk_indices, prompts.per_chunk[chunk_indices]
+            step, params, constants, cond_frames, chunk_indices, prompts.per_chunk[chunk_indices], pipe.replicated
         ):
             _check_finite(cond_frames, chunk_index, state.frames_committed, out)
             frames = np.asarray(frames)[0]
@@ -185,7 +185,7 @@ def generate_whole_video(pipe: StreamingT2VPipeline, prompts: EncodedPrompts, se
     constants = streaming_constants(pipe, pipe.anchor_embedding(first[:, :1]), prompts.negative)
     step = make_chunk_step(pipe, settings)
     num_chunks = pipe.num_chunks(settings.num_frames)
-    scan = jax.jit(lambda p, c, cond, idx, texts: sample_scan(step, p, c, cond, idx, texts))
+    scan = jax.jit(lambda p, c, cond, idx, texts: sample_scan(step, p, c, cond, idx, texts), out_shardings=pipe.replicated)
     _, frames = scan(params, constants, first[:, -pipe.cam_frames :], jnp.arange(1, num_chunks + 1), prompts.per_chunk[1:])
     frames = jnp.moveaxis(frames, 0, 1).reshape(first.shape[0], -1, *frames.shape[-3:])
     return np.concatenate([np.asarray(to_uint8(first)), np.asarray(frames)], axis=1)

@@ -1,24 +1,30 @@
 """A loaded StreamingT2V model: every component's module and params, tokenizer, schedules.
 
 Knows how to turn prompts into text embeddings, frames into APM anchor embeddings, and
-latents into frames; the sampling loops live in `st2v_jax.generation.sampler`.
+latents into frames; the sampling loops live in `st2v_jax.generation.sampler`. After
+`shard(mesh)` the params are laid out over the mesh by the logical axis rules of
+`st2v_jax.parallel`, batches (guidance branches included) are split over its data axes,
+and what the host reads back (frames, embeddings) is replicated, as every process of a
+multi-host slice needs it whole.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import os
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from st2v_jax.convert.components import PretrainedModel
 from st2v_jax.diffusion.schedules import NoiseSchedule
 from st2v_jax.models.apm import ImageTokenResampler
 from st2v_jax.models.image_preprocess import clip_image_preprocess
 from st2v_jax.models.vae import decode_video
+from st2v_jax.parallel import DEFAULT_RULES, Rules, axis_sizes, batch_spec, named_shardings, partition_specs
 from st2v_jax.pretrained import load_pretrained
 from st2v_jax.tokenizer import load_tokenizer, tokenize
 
@@ -33,6 +39,10 @@ class StreamingT2VPipeline:
     model: PretrainedModel
     tokenizer: Any
     scheduler_config: dict
+    mesh: Optional[Mesh] = None
+    rules: Rules = DEFAULT_RULES
+    # {component: NamedSharding tree} once sharded (None: everything on the default device).
+    param_shardings: Optional[dict] = None
 
     def __post_init__(self) -> None:
         missing = [c for c in REQUIRED_COMPONENTS if c not in self.model.params]
@@ -61,6 +71,29 @@ class StreamingT2VPipeline:
         if model.tokenizer_dir() is None:
             raise ModelLayoutError(f"{path} has no tokenizer/ folder (vocab.json + merges.txt or tokenizer.json)")
         return cls(model, load_tokenizer(model.tokenizer_dir()), model.scheduler_config())
+
+    # ------------------------------------------------------------------ placement
+
+    def shard(self, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> "StreamingT2VPipeline":
+        """Lays the params out over `mesh` (in place; returns self). Jitted encoders built
+        before this keep working: jit follows where its inputs live."""
+        specs = {name: partition_specs(self.model.abstract_params(name), axis_sizes(mesh), rules) for name in self.params}
+        self.mesh, self.rules, self.param_shardings = mesh, rules, named_shardings(mesh, specs)
+        self.params = jax.device_put(self.params, self.param_shardings)
+        self.model = dataclasses.replace(self.model, params=self.params)  # no unsharded copy stays alive
+        return self
+
+    @property
+    def replicated(self) -> Optional[NamedSharding]:
+        """Whole on every device: what the host reads back (None when not sharded)."""
+        return None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
+
+    def constrain_batch(self, x: Array) -> Array:
+        """Inside jit: splits x's leading (batch) axis over the mesh's batch axes."""
+        if self.mesh is None:
+            return x
+        spec = batch_spec(x.shape[0], axis_sizes(self.mesh), self.rules)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
     # ------------------------------------------------------------------ sizes and schedules
 
@@ -104,7 +137,7 @@ class StreamingT2VPipeline:
     @functools.cached_property
     def _encode_text(self):
         module = self.modules["text_encoder"]
-        return jax.jit(lambda params, ids: module.apply({"params": params}, ids))
+        return jax.jit(lambda params, ids: module.apply({"params": params}, ids), out_shardings=self.replicated)
 
     def encode_text(self, input_ids: np.ndarray) -> Array:
         """(B, 77) token ids -> (B, 77, D) last hidden states (what ModelScope conditions on)."""
@@ -113,7 +146,10 @@ class StreamingT2VPipeline:
     @functools.cached_property
     def _embed_images(self):
         module, size = self.modules["image_encoder"], self.config["image_encoder"].image_size
-        return jax.jit(lambda params, frames: module.apply({"params": params}, clip_image_preprocess(frames, size)))
+        return jax.jit(
+            lambda params, frames: module.apply({"params": params}, clip_image_preprocess(frames, size)),
+            out_shardings=self.replicated,
+        )
 
     def anchor_embedding(self, frames: Array) -> Array:
         """Anchor frames (B, Fa, H, W, 3) in [-1, 1] -> pooled CLIP embeddings (B, Fa, D)."""

@@ -98,10 +98,12 @@ def _latent_shape(pipe: StreamingT2VPipeline, settings: SamplingSettings, batch:
 StepCallback = Callable[[Array], None]
 
 
-def _report_step(on_step: Optional[StepCallback], step_index: Array) -> None:
-    """Tells the host a denoising step finished (progress bars); numerics are unaffected."""
+def _report_step(pipe: StreamingT2VPipeline, on_step: Optional[StepCallback], step_index: Array) -> None:
+    """Tells the host a denoising step finished (progress bars); numerics are unaffected.
+    Ordered on one device; XLA supports ordered callbacks on one device only, and a
+    progress bar can take steps reported out of order."""
     if on_step is not None:
-        jax.debug.callback(on_step, step_index, ordered=True)
+        jax.debug.callback(on_step, step_index, ordered=pipe.mesh is None)
 
 
 def make_first_chunk(
@@ -117,20 +119,21 @@ def make_first_chunk(
     def run(params: Any, text: Array, negative: Array) -> Array:
         key = _chunk_key(settings.seed, 0)
         latents = jax.random.normal(key, _latent_shape(pipe, settings, text.shape[0]))
-        context = jnp.concatenate([negative, text], axis=0)
+        context = pipe.constrain_batch(jnp.concatenate([negative, text], axis=0))
 
         def step(carry, _):
             x, state = carry
             t = dpm.timesteps[state.step_index]
-            uncond, cond = jnp.split(unet.apply({"params": params["unet"]}, jnp.concatenate([x, x]), t, context), 2)
-            _report_step(on_step, state.step_index)
+            branches = pipe.constrain_batch(jnp.concatenate([x, x]))
+            uncond, cond = jnp.split(unet.apply({"params": params["unet"]}, branches, t, context), 2)
+            _report_step(pipe, on_step, state.step_index)
             x, state = dpm_step(dpm, state, uncond + scale * (cond - uncond), x)
             return (x, state), None
 
         (latents, _), _ = jax.lax.scan(step, (latents, dpm_solver_initial_state(latents.shape)), length=settings.init_steps)
         return pipe.decode(latents)
 
-    return jax.jit(run)
+    return jax.jit(run, in_shardings=(pipe.param_shardings, None, None), out_shardings=pipe.replicated)
 
 
 def make_chunk_step(pipe: StreamingT2VPipeline, settings: SamplingSettings, on_step: Optional[StepCallback] = None) -> Callable:
@@ -152,13 +155,15 @@ def make_chunk_step(pipe: StreamingT2VPipeline, settings: SamplingSettings, on_s
         latents = jax.random.normal(latent_key, _latent_shape(pipe, settings, text.shape[0]))
         anchor_tokens = constants.anchor_tokens if settings.use_apm else constants.null_anchor_tokens
         contexts = guidance_contexts(rule, text, constants.negative_text, anchor_tokens, constants.null_anchor_tokens)
-        cond = repeat_for_branches(rule, cond_frames) if settings.use_cam else None
+        contexts = pipe.constrain_batch(contexts)
+        cond = pipe.constrain_batch(repeat_for_branches(rule, cond_frames)) if settings.use_cam else None
 
         def denoise(x, step_inputs):
             i, t, prev_t = step_inputs
-            eps = streaming.apply({"params": params["streaming"]}, repeat_for_branches(rule, x), t, contexts, cond)
+            branches = pipe.constrain_batch(repeat_for_branches(rule, x))
+            eps = streaming.apply({"params": params["streaming"]}, branches, t, contexts, cond)
             noise = jax.random.normal(jax.random.fold_in(noise_key, i), x.shape)
-            _report_step(on_step, i)
+            _report_step(pipe, on_step, i)
             return ddim_step(schedule, combine_guidance(rule, eps), t, prev_t, x, settings.eta, noise), None
 
         steps = (jnp.arange(settings.steps), jnp.asarray(timesteps), jnp.asarray(previous))
@@ -183,10 +188,17 @@ def sample_scan(
 
 
 def sample_stream(
-    step: Callable, params: Any, constants: StreamingConstants, cond_frames: Array, chunk_indices: np.ndarray, texts: Array
+    step: Callable,
+    params: Any,
+    constants: StreamingConstants,
+    cond_frames: Array,
+    chunk_indices: np.ndarray,
+    texts: Array,
+    out_sharding: Optional[jax.sharding.Sharding] = None,
 ) -> Iterator[tuple[int, Array, Array]]:
-    """Yields (chunk index, cond frames after it, its new uint8 frames) one chunk at a time."""
-    jitted = jax.jit(step)
+    """Yields (chunk index, cond frames after it, its new uint8 frames) one chunk at a time;
+    `out_sharding` lays out both (e.g. `pipe.replicated`, for the host to read)."""
+    jitted = jax.jit(step, out_shardings=out_sharding)
     for i, chunk_index in enumerate(chunk_indices):
         cond_frames, frames = jitted(params, constants, cond_frames, (jnp.asarray(chunk_index), texts[i]))
         yield int(chunk_index), cond_frames, frames

@@ -321,7 +321,9 @@ def generate_variants(
     for variant in variants:
         step = make_chunk_step(pipe, dataclasses.replace(settings, **VARIANTS[variant]))
         chunks = [np.asarray(to_uint8(first))]
-        for _, _, frames in sample_stream(step, params, constants, first[:, -pipe.cam_frames :], chunk_indices, prompts.per_chunk[1:]):
+        for _, _, frames in sample_stream(
+            step, params, constants, first[:, -pipe.cam_frames :], chunk_indices, prompts.per_chunk[1:], pipe.replicated
+        ):
             chunks.append(np.asarray(frames))
             if on_chunk is not None:
                 on_chunk(variant)

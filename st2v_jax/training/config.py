@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from st2v_jax.parallel import DEFAULT_RULES
 from st2v_jax.training.trainable import OFFICIAL_FROZEN, OFFICIAL_TRAINABLE
 
 
@@ -36,6 +37,9 @@ def default_config() -> ml_collections.ConfigDict:
             "max_clips_per_video": 1,
         }
     )
+    # Device mesh and logical axis rules (see st2v_jax.parallel): the batch is split over
+    # data x fsdp, parameters and optimizer state over fsdp (input features) and tensor.
+    c.sharding = ml_collections.ConfigDict({"mesh": "data=-1,fsdp=1,tensor=1", "rules": DEFAULT_RULES})
     c.trainable = list(OFFICIAL_TRAINABLE)
     c.frozen = list(OFFICIAL_FROZEN)
     c.vae = ml_collections.ConfigDict({"frames_per_clip": 4, "kl_weight": 1e-6})

@@ -5,8 +5,9 @@
     <workdir>/model/         at the end: a model folder (`st2v_jax.sample --model-dir`) with
                              the trained (or EMA) parameters in the initial model
 
-The batch is data-parallel over every device of every host (a `data` mesh axis); the
-parameters are replicated.
+The mesh (`config.sharding.mesh`) spans every device of every host: the batch is split
+over its data and fsdp axes, and the parameters, their EMA and the optimizer state are laid
+out by the logical axis rules (`config.sharding.rules`, see `st2v_jax.parallel`).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from st2v_jax.convert.components import PretrainedModel
 from st2v_jax.data.pipeline import TrainingBatches, prepare, to_global_arrays
 from st2v_jax.diffusion.schedules import NoiseSchedule
 from st2v_jax.generation.run_state import describe_differences
+from st2v_jax.parallel import MeshSpecError, axis_sizes, batch_spec, make_mesh, named_shardings, parse_mesh_spec, partition_specs
 from st2v_jax.pretrained import load_pretrained
 from st2v_jax.tokenizer import load_tokenizer, tokenize
 from st2v_jax.training.checkpoints import TrainCheckpoints
@@ -45,7 +47,7 @@ from st2v_jax.training.trainable import ParamPartition, overlay_params
 
 STAGES = ("vae", "clip") + DENOISING_STAGES
 # Keys that may change between a run and its resumption without changing what it computes.
-_RESUMABLE_CHANGES = ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "async_checkpoints")
+_RESUMABLE_CHANGES = ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "async_checkpoints", "sharding.mesh", "sharding.rules")
 
 
 @dataclasses.dataclass
@@ -64,12 +66,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         problems.append("model.init is empty: give a model folder (e.g. from `python -m st2v_jax.convert random ...`)")
     elif not pathlib.Path(config.model.init).expanduser().exists():
         problems.append(f"model.init {config.model.init} does not exist")
-    devices = jax.device_count()
-    if config.batch_size % (config.accumulation_steps * devices):
-        problems.append(
-            f"batch_size {config.batch_size} must be a multiple of accumulation_steps ({config.accumulation_steps}) "
-            f"x devices ({devices})"
-        )
+    try:
+        sizes = parse_mesh_spec(config.sharding.mesh, jax.device_count())
+        if config.batch_size % (config.accumulation_steps * sizes["data"] * sizes["fsdp"]):
+            problems.append(
+                f"batch_size {config.batch_size} must be a multiple of accumulation_steps ({config.accumulation_steps}) "
+                f"x the mesh's data x fsdp devices ({sizes['data']} x {sizes['fsdp']})"
+            )
+    except MeshSpecError as error:
+        problems.append(f"sharding.mesh: {error}")
     if config.steps < 1:
         problems.append(f"steps must be >= 1, got {config.steps}")
     if not 0.0 <= config.ema_decay < 1.0:
@@ -123,10 +128,11 @@ def export_model(model: PretrainedModel, trained: Any, directory: pathlib.Path, 
 
 
 def train(
-    config: ml_collections.ConfigDict, workdir: str | os.PathLike, until_step: Optional[int] = None
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike, until_step: Optional[int] = None, mesh: Optional[Mesh] = None
 ) -> TrainResult:
     """Trains (or resumes) the run in `workdir`. `until_step` stops (with a checkpoint) at
-    that step without ending the run: the learning-rate schedule still spans `config.steps`."""
+    that step without ending the run: the learning-rate schedule still spans `config.steps`.
+    `mesh` (default: `config.sharding.mesh` over all devices) is where the run lives."""
     check_config(config)
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -139,20 +145,29 @@ def train(
     max_length = model.config("text_encoder").max_position_embeddings
     encode_captions = lambda captions: tokenize(tokenizer, captions, max_length)[0]
     objective = make_objective(config, model, encode_captions([""])[0])
-    trainable, frozen = ParamPartition(tuple(config.trainable), tuple(config.frozen)).split(
-        {name: params[name] for name in objective.modules}
-    )
+    partition = ParamPartition(tuple(config.trainable), tuple(config.frozen))
+    trainable, frozen = partition.split({name: params[name] for name in objective.modules})
     learning_rate = learning_rate_schedule(config.optimizer, config.steps)
     optimizer = make_optimizer(config.optimizer, config.steps)
 
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-    replicated, batch_sharding = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
-    frozen = jax.device_put(frozen, replicated)
-    state = jax.device_put(init_train_state(trainable, optimizer, config.ema_decay > 0), replicated)
+    mesh = make_mesh(config.sharding.mesh) if mesh is None else mesh
+    sizes, rules = axis_sizes(mesh), [tuple(rule) for rule in config.sharding.rules]
+    # The optimizer state and EMA keep the boxes (logical axis names) of the parameters they
+    # mirror, so one abstract init gives the layout of the whole train state.
+    boxed_trainable, boxed_frozen = partition.split({name: model.abstract_params(name) for name in objective.modules})
+    state_shardings = named_shardings(
+        mesh, partition_specs(jax.eval_shape(lambda p: init_train_state(p, optimizer, config.ema_decay > 0), boxed_trainable), sizes, rules)
+    )
+    frozen_shardings = named_shardings(mesh, partition_specs(boxed_frozen, sizes, rules))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_sharding = NamedSharding(mesh, batch_spec(config.batch_size, sizes, rules))
+    frozen = jax.device_put(frozen, frozen_shardings)
+    trainable = jax.device_put(trainable, state_shardings.params)
+    state = jax.jit(lambda p: init_train_state(p, optimizer, config.ema_decay > 0), out_shardings=state_shardings)(trainable)
     step_fn = jax.jit(
         make_train_step(objective, optimizer, learning_rate, config.seed, config.accumulation_steps, config.ema_decay),
-        in_shardings=(replicated, replicated, batch_sharding),
-        out_shardings=(replicated, replicated),
+        in_shardings=(state_shardings, frozen_shardings, batch_sharding),
+        out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )
 
