@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Installs st2v_jax and jax[tpu] on every worker of a TPU VM (rerun it to move to another REF):
 # ~/st2v_jax is a checkout of REF, ~/st2v_venv a Python 3.12 virtualenv with st2v_jax
-# (editable, from that checkout) and jax[tpu], whose activation enables JAX's persistent
-# compilation cache in ~/.cache/jax_compilation.
+# (editable, from that checkout) and jax[tpu].
 #
 #   ZONE=us-west4-a launch/install.sh
 #   ZONE=us-west4-a REF=my-branch launch/install.sh
@@ -37,10 +36,6 @@ install_on_worker() {
   "$HOME/.local/bin/uv" venv -q --allow-existing --python 3.12 "$venv"
   # One resolution for both, so that jax, jaxlib and libtpu stay matched.
   "$HOME/.local/bin/uv" pip install -q --python "$venv/bin/python" -e "$checkout" "jax[tpu]"
-  mkdir -p "$HOME/.cache/jax_compilation"
-  # shellcheck disable=SC2016  # $HOME is expanded when the virtualenv is activated
-  local cache='export JAX_COMPILATION_CACHE_DIR="$HOME/.cache/jax_compilation"'
-  grep -qxF "$cache" "$venv/bin/activate" || echo "$cache" >>"$venv/bin/activate"
   echo "$(hostname): st2v_jax $(git -C "$checkout" rev-parse --short HEAD) installed in $venv"
 }
 

@@ -5,8 +5,10 @@
 # (an NFS/Filestore or gcsfuse mount): each host writes its shards of a checkpoint, and all
 # hosts read them back to resume. Rerun the same command to resume after a preemption.
 #
+# Pass --distributed on a pod slice, so the hosts train one model together.
+#
 #   ZONE=us-west4-a launch/train.sh --config configs/train_streaming.py --workdir runs/cam_apm \
-#       --config.model.init=ckpt/streaming_t2v --config.data.manual_dir=/data/webvid
+#       --config.model.init=ckpt/streaming_t2v --config.data.manual_dir=/data/webvid --distributed
 #
 # Environment: ZONE (required), TPU_NAME (default: st2v), PROJECT.
 

@@ -162,7 +162,7 @@ def verify_configs(manifest: dict, configs: Optional[dict[str, dict]] = None) ->
 def _restore_args(manifest: dict) -> ocp.args.PyTreeRestore:
     """Restore every tensor as a host (CPU) array of its manifest shape; floating-point
     tensors as float32 whatever their storage precision."""
-    host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
     restored_dtype = lambda name: np.float32 if np.issubdtype(np.dtype(name), np.floating) else np.dtype(name)
     target = {
         name: traverse_util.unflatten_dict(

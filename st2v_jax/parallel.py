@@ -19,6 +19,7 @@ prints the bytes each device holds per component, computed from shapes alone.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from typing import Any, Mapping, Optional, Sequence
@@ -137,6 +138,62 @@ def named_shardings(mesh: Mesh, specs: Any) -> Any:
 def batch_spec(batch: int, axis_sizes: Mapping[str, int], rules: Rules = DEFAULT_RULES) -> PartitionSpec:
     """The leading (batch) dimension over the "batch" rule's axes that divide it."""
     return partition_spec(("batch",), (batch,), axis_sizes, rules)
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """A mesh and its rules: where a model's params, batches and results live.
+
+    Hashable, so a denoiser that carries it stays a static part of a jitted loop.
+    """
+
+    mesh: Mesh
+    rules: Rules = DEFAULT_RULES
+
+    def __post_init__(self) -> None:
+        # Rules read from a config file arrive as lists; tuples keep the placement hashable.
+        frozen = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in self.rules)
+        object.__setattr__(self, "rules", frozen)
+
+    @property
+    def replicated(self) -> NamedSharding:
+        """Whole on every device: what the host reads back (every process of a slice needs it)."""
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    def constrain_batch(self, x: jax.Array) -> jax.Array:
+        """Inside jit: splits x's leading (batch) axis over the mesh's batch axes."""
+        spec = batch_spec(x.shape[0], axis_sizes(self.mesh), self.rules)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
+    def shard_model(self, model: Any) -> tuple[Any, dict]:
+        """A `PretrainedModel` with its params laid out by their logical axes, and those
+        shardings ({component: tree}). No unsharded copy stays referenced. Refuses execution
+        options that cannot run over this mesh (the splash kernel)."""
+        model.execution.check_platform(devices=self.mesh.size)
+        specs = {name: partition_specs(model.abstract_params(name), axis_sizes(self.mesh), self.rules) for name in model.params}
+        shardings = named_shardings(self.mesh, specs)
+        return dataclasses.replace(model, params=place_on_mesh(model.params, shardings)), shardings
+
+
+def place_on_mesh(tree: Any, shardings: Any) -> Any:
+    """Arrays every process holds whole (host or one-device arrays) -> global arrays laid
+    out by `shardings`, each process keeping only its own devices' pieces. Unlike
+    `jax.device_put`, this works when the mesh spans hosts: nothing crosses between them."""
+
+    def place(array: Any, sharding: NamedSharding) -> jax.Array:
+        whole = np.asarray(array)
+        return jax.make_array_from_callback(whole.shape, sharding, lambda index: whole[index])
+
+    return jax.tree.map(place, tree, shardings)
+
+
+def constrain_batch(x: jax.Array, placement: Optional[Placement]) -> jax.Array:
+    """`placement.constrain_batch(x)`, or x as it is when nothing is placed."""
+    return x if placement is None else placement.constrain_batch(x)
+
+
+def replicated(placement: Optional[Placement]) -> Optional[NamedSharding]:
+    return None if placement is None else placement.replicated
 
 
 def bytes_per_device(shapes: Any, specs: Any, axis_sizes: Mapping[str, int]) -> int:

@@ -8,6 +8,7 @@ from st2v_jax.checkpoint import MANIFEST, load_converted
 from st2v_jax.convert.components import PretrainedModel
 from st2v_jax.convert.readers import TORCH_SUFFIXES
 from st2v_jax.convert.sources import DIFFUSERS_LAYOUT, from_diffusers_dir, from_official_checkpoint
+from st2v_jax.models.execution import DEFAULT_EXECUTION, ExecutionOptions
 
 
 def load_pretrained(path: str | os.PathLike, checksums: bool = True) -> PretrainedModel:
@@ -28,3 +29,12 @@ def load_pretrained(path: str | os.PathLike, checksums: bool = True) -> Pretrain
         f"a diffusers folder ({DIFFUSERS_LAYOUT}), or an official StreamingT2V checkpoint file "
         f"({', '.join(TORCH_SUFFIXES + ('.safetensors',))})"
     )
+
+
+def load_for_inference(
+    path: str | os.PathLike, checksums: bool = True, execution: ExecutionOptions = DEFAULT_EXECUTION
+) -> PretrainedModel:
+    """`load_pretrained`, to be run with `execution` (see `PretrainedModel.for_inference`);
+    options this host cannot run are refused before anything is read."""
+    execution.check_platform()
+    return load_pretrained(path, checksums=checksums).for_inference(execution)

@@ -23,6 +23,7 @@ import numpy as np
 
 import st2v_jax
 from st2v_jax.generation.long_video import StoryboardEntry
+from st2v_jax.models.execution import ATTENTION_BACKENDS, COMPUTE_DTYPES, ExecutionOptions, ExecutionOptionsError
 from st2v_jax.tokenizer import PromptTooLongWarning
 
 _DEFAULT_CHUNK = (16, 8)  # (frames per chunk, new frames per chunk) of the official model
@@ -80,6 +81,27 @@ def _parser() -> argparse.ArgumentParser:
         "--mesh",
         help="spread the model over the devices, e.g. data=-1,fsdp=4 (axes data, fsdp, tensor; see st2v_jax.parallel); "
         "default: one device",
+    )
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="one run over several hosts (a TPU pod slice; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
+        "JAX_PROCESS_ID): start this command on every host; process 0 writes --out, the others keep their copy "
+        "under $ST2V_SCRATCH_DIR (default ~/.cache/st2v_jax/process-N)",
+    )
+    p.add_argument(
+        "--attention",
+        choices=ATTENTION_BACKENDS,
+        default="xla",
+        help="attention kernel: xla (any device), cudnn (NVIDIA GPU, with --dtype bfloat16), splash (Pallas kernel "
+        "for the spatial attention; one TPU, no --mesh)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=COMPUTE_DTYPES,
+        default="float32",
+        help="compute dtype of the UNets and CLIP towers (bfloat16 halves their weights in memory); the VAE and "
+        "the solvers stay float32",
     )
     return p
 
@@ -243,6 +265,10 @@ def preview_path(out: pathlib.Path) -> pathlib.Path:
 def run(argv: Optional[Sequence[str]] = None) -> pathlib.Path:
     args = _parser().parse_args(argv)
     # --- cheap checks, before any model is loaded
+    try:
+        execution = ExecutionOptions(attention=args.attention, compute_dtype=args.dtype)
+    except ExecutionOptionsError as err:
+        raise UsageError(f"--attention/--dtype: {err}") from None
     if args.storyboard is not None:
         path = pathlib.Path(args.storyboard)
         if not path.is_file():
@@ -268,6 +294,17 @@ def run(argv: Optional[Sequence[str]] = None) -> pathlib.Path:
     else:
         _check_frame_count(num_frames, _chunk_layout(model_path))
     refiner_config = _refiner_config(args, num_frames)
+    if args.distributed:
+        from st2v_jax import multihost
+
+        if args.mesh is None:
+            raise UsageError("--distributed runs one video over every host's devices: give --mesh too (e.g. --mesh data=-1,fsdp=4)")
+        try:
+            multihost.initialize()
+        except multihost.DistributedSetupError as err:
+            raise UsageError(f"--distributed: {err}") from None
+        out = multihost.process_output_path(out)
+        args.png_dir = args.png_dir and multihost.process_output_path(args.png_dir)
     if args.mesh is not None:
         import jax
 
@@ -277,6 +314,13 @@ def run(argv: Optional[Sequence[str]] = None) -> pathlib.Path:
             parse_mesh_spec(args.mesh, jax.device_count())
         except MeshSpecError as err:
             raise UsageError(f"--mesh: {err}") from None
+    # After --distributed's set-up: asking JAX for its platform starts the backend.
+    import jax
+
+    try:
+        execution.check_platform(devices=jax.device_count() if args.mesh is not None else 1)
+    except ExecutionOptionsError as err:
+        raise UsageError(f"--attention: {err}") from None
     from st2v_jax.generation.run_state import RunState, resume_directory_for
     from st2v_jax.generation.video_writer import check_free_space, estimate_output_bytes
 
@@ -284,14 +328,18 @@ def run(argv: Optional[Sequence[str]] = None) -> pathlib.Path:
     if args.resume and not (state_dir / "state.json").is_file():
         raise UsageError(f"--resume: no interrupted run to resume at {state_dir}")
     # --- the model
+    from st2v_jax.compilation_cache import enable_compilation_cache
+
+    enable_compilation_cache()
     from st2v_jax.generation.long_video import chunk_prompts, encode_prompts, generate_long_video, generate_whole_video
     from st2v_jax.generation.pipeline import StreamingT2VPipeline
 
-    pipe = StreamingT2VPipeline.from_pretrained(model_path, checksums=not args.skip_checksums)
+    pipe = StreamingT2VPipeline.from_pretrained(model_path, checksums=not args.skip_checksums, execution=execution)
     if args.mesh is not None:
         from st2v_jax.parallel import make_mesh
 
-        pipe.shard(make_mesh(args.mesh))
+        mesh = make_mesh(args.mesh)
+        pipe.shard(mesh)
     settings = _sampling_settings(args, pipe, num_frames)
     multiple = pipe.vae_downscale * 2 ** (len(pipe.config["unet"].block_out_channels) - 1)
     if settings.height % multiple or settings.width % multiple:
@@ -325,6 +373,7 @@ def run(argv: Optional[Sequence[str]] = None) -> pathlib.Path:
         "sampling": dataclasses.asdict(settings),
         "fps": args.fps,
         "start": {"image": args.image, "extend": args.extend} if start_path else None,
+        "execution": {"attention": args.attention, "dtype": args.dtype},
         "st2v_jax": st2v_jax.__version__,
     }
     if args.whole_video and start is not None:
@@ -349,10 +398,14 @@ def run(argv: Optional[Sequence[str]] = None) -> pathlib.Path:
         from st2v_jax.generation.video_writer import VideoOutput
 
         if isinstance(refiner_config, Vid2VidRefinerConfig):
-            refiner = Vid2VidRefiner.from_pretrained(args.refiner_dir, checksums=not args.skip_checksums)
+            refiner = Vid2VidRefiner.from_pretrained(args.refiner_dir, checksums=not args.skip_checksums, execution=execution)
+            if args.mesh is not None:
+                refiner.shard(mesh)
             refined = refiner.refine(np.asarray(state.frames()), storyboard[0].prompt, args.negative_prompt, refiner_config, args.seed)
         else:
-            refiner = Refiner.from_pretrained(args.refiner_dir, checksums=not args.skip_checksums)
+            refiner = Refiner.from_pretrained(args.refiner_dir, checksums=not args.skip_checksums, execution=execution)
+            if args.mesh is not None:
+                refiner.shard(mesh)
             refined = refiner.refine(np.asarray(state.frames()), storyboard[0].prompt, args.negative_prompt, refiner_config, args.refiner_guidance, args.seed)
         refine_settings = dict(run_settings, refiner=dict(dataclasses.asdict(refiner_config), model=str(args.refiner_dir), guidance=args.refiner_guidance))
         with VideoOutput(out, args.fps, refined.shape[1], refined.shape[2], settings=refine_settings, seed=settings.seed) as video:

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 from absl import flags
 from ml_collections import config_flags
 
-USAGE = "usage: python -m st2v_jax.train --config configs/FILE.py --workdir DIR [--config.KEY=VALUE ...] [--until_step N]"
+USAGE = "usage: python -m st2v_jax.train --config configs/FILE.py --workdir DIR [--config.KEY=VALUE ...] [--until_step N] [--distributed]"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -26,6 +26,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     until_step = flags.DEFINE_integer(
         "until_step", None, "stop with a checkpoint at this step (rerun to continue)", flag_values=flag_values
     )
+    distributed = flags.DEFINE_bool(
+        "distributed", False, "one run over several hosts (a TPU pod slice; elsewhere set JAX_COORDINATOR_ADDRESS, "
+        "JAX_NUM_PROCESSES, JAX_PROCESS_ID): start this command on every host", flag_values=flag_values,
+    )
     try:
         flag_values(argv)
     except flags.Error as err:
@@ -34,7 +38,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if config.value is None or not workdir.value:
         print(USAGE, file=sys.stderr)
         return 2
+    if distributed.value:
+        from st2v_jax import multihost
+
+        try:
+            multihost.initialize()
+        except multihost.DistributedSetupError as err:
+            print(f"--distributed: {err}", file=sys.stderr)
+            return 2
+    from st2v_jax.compilation_cache import enable_compilation_cache
     from st2v_jax.training.trainer import train
+
+    enable_compilation_cache()
 
     result = train(config.value, workdir.value, until_step.value)
     if result.model_dir is not None:

@@ -183,8 +183,6 @@ def test_install_runs_on_all_workers(launch, tmp_path):
         f"uv venv -q --allow-existing --python 3.12 {venv}",
         f"uv pip install -q --python {venv}/bin/python -e {checkout} jax[tpu]",
     ]
-    assert (venv / "bin" / "activate").read_text() == 'export JAX_COMPILATION_CACHE_DIR="$HOME/.cache/jax_compilation"\n'
-    assert (launch.home / ".cache" / "jax_compilation").is_dir()
 
 
 def test_run_on_workers_runs_the_command_in_the_checkout_and_the_virtualenv(launch):

@@ -18,4 +18,4 @@ def test_sharded_runs_on_eight_devices_match_one_device():
     print("\n".join(line for line in report.splitlines() if re.search(r"error|bytes|losses|passed|failed", line)))
     assert result.returncode == 0, report[-5000:]
     summary = report.strip().splitlines()[-1]
-    assert re.search(r"\b4 passed\b", summary) and "skipped" not in summary, summary
+    assert re.search(r"\b6 passed\b", summary) and "skipped" not in summary, summary

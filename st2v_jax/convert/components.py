@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from st2v_jax.convert.official_configs import MS_1_7B_SCHEDULER
 from st2v_jax.models.clip import CLIPTextConfig, CLIPTextTransformer, OpenCLIPVisionConfig, OpenCLIPVisionTransformer
+from st2v_jax.models.execution import DEFAULT_EXECUTION, ExecutionOptions, inference_params
 from st2v_jax.models.streaming import StreamingConfig, StreamingUNet3D
 from st2v_jax.models.unet3d import UNet3D, UNet3DConfig
 from st2v_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
@@ -28,10 +29,17 @@ class Component:
     name: str
     description: str
     parse_config: Callable[[Mapping[str, Any]], Any]
-    build: Callable[[Any], nn.Module]
+    build: Callable[..., nn.Module]  # (config[, execution=ExecutionOptions]) -> module
     # Smallest valid inputs for `init`, and the method that touches every parameter.
     example_inputs: Callable[[Any], tuple]
     init_method: Optional[Callable] = None
+    # Whether the module takes ExecutionOptions; the VAE does not: it always runs in float32
+    # on XLA attention (its latents feed the solvers and its decoder writes the pixels).
+    takes_execution: bool = True
+
+    def make_module(self, config: Any, execution: ExecutionOptions = DEFAULT_EXECUTION) -> nn.Module:
+        """The module for `config`, run with `execution` where it takes options."""
+        return self.build(config, execution=execution) if self.takes_execution else self.build(config)
 
     def init_params(self, config: Any, key: jax.Array) -> Any:
         """Freshly initialised params (boxed with logical axis names)."""
@@ -104,7 +112,14 @@ COMPONENTS: dict[str, Component] = {
             Vid2VidUNet,
             _vid2vid_unet_inputs,
         ),
-        Component("vae", "AutoencoderKL (diffusers vae/config.json)", AutoencoderKLConfig.from_diffusers, AutoencoderKL, _vae_inputs),
+        Component(
+            "vae",
+            "AutoencoderKL (diffusers vae/config.json)",
+            AutoencoderKLConfig.from_diffusers,
+            AutoencoderKL,
+            _vae_inputs,
+            takes_execution=False,
+        ),
         Component(
             "text_encoder",
             "CLIP text tower (transformers text_encoder/config.json)",
@@ -138,13 +153,15 @@ class PretrainedModel:
     """Params of each component in our layout, with the source config that describes it.
 
     `files` are plain files kept beside the weights (tokenizer, scheduler config), as
-    {relative path: location}; `sources` the weight files the params came from.
+    {relative path: location}; `sources` the weight files the params came from;
+    `execution` how `module` builds the components (kernel, compute dtype, remat).
     """
 
     configs: dict[str, dict]
     params: dict[str, Any]
     files: dict[str, pathlib.Path] = dataclasses.field(default_factory=dict)
     sources: list[pathlib.Path] = dataclasses.field(default_factory=list)
+    execution: ExecutionOptions = DEFAULT_EXECUTION
 
     def config(self, component: str) -> Any:
         """The parsed config (e.g. `UNet3DConfig`) of a component."""
@@ -154,7 +171,17 @@ class PretrainedModel:
 
     def module(self, component: str) -> nn.Module:
         """The Flax module of a component; apply it with `self.params[component]`."""
-        return COMPONENTS[component].build(self.config(component))
+        return COMPONENTS[component].make_module(self.config(component), self.execution)
+
+    def for_inference(self, execution: ExecutionOptions) -> "PretrainedModel":
+        """This model run with `execution`, its params as sampling holds them (see
+        `inference_params`: with bfloat16, the components that take options get bfloat16
+        matrices; the VAE stays float32). Only for sampling: it never saves weights."""
+        params = {
+            name: inference_params(tree, execution) if COMPONENTS[name].takes_execution else tree
+            for name, tree in self.params.items()
+        }
+        return dataclasses.replace(self, params=params, execution=execution)
 
     def abstract_params(self, component: str) -> Any:
         """Shapes and logical axis names of a component's params (nothing allocated)."""

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+from jax.sharding import Mesh
 
 from st2v_jax.convert.components import PretrainedModel
 from st2v_jax.diffusion.schedules import NoiseSchedule
@@ -34,7 +35,9 @@ from st2v_jax.generation.sampler import (
     streaming_constants,
 )
 from st2v_jax.generation.video_writer import VideoOutput
-from st2v_jax.pretrained import load_pretrained
+from st2v_jax.models.execution import DEFAULT_EXECUTION, ExecutionOptions
+from st2v_jax.parallel import DEFAULT_RULES, Placement, Rules
+from st2v_jax.pretrained import load_for_inference
 from st2v_jax.tokenizer import load_tokenizer, tokenize
 
 Array = jax.Array
@@ -198,23 +201,36 @@ class Refiner:
     model: PretrainedModel
     tokenizer: Any
     schedule: NoiseSchedule
+    placement: Optional[Placement] = None
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, checksums: bool = True) -> "Refiner":
-        model = load_pretrained(path, checksums=checksums)
+    def from_pretrained(
+        cls, path: str | os.PathLike, checksums: bool = True, execution: ExecutionOptions = DEFAULT_EXECUTION
+    ) -> "Refiner":
+        model = load_for_inference(path, checksums, execution)
         missing = [c for c in ("unet", "vae", "text_encoder") if c not in model.params]
         if missing or model.tokenizer_dir() is None:
             raise ValueError(f"{path} is not a text-to-video model usable as a refiner (needs unet, vae, text_encoder, tokenizer)")
         schedule = NoiseSchedule.from_diffusers(model.scheduler_config(), "DDIMScheduler")
         return cls(model, load_tokenizer(model.tokenizer_dir()), schedule)
 
+    def shard(self, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> "Refiner":
+        """Lays the params out over `mesh` (in place; returns self); each denoiser call's
+        guidance branches and chunks (`RefinerConfig.chunks_per_batch`) go over its data axes."""
+        self.placement = Placement(mesh, rules)
+        self.model, _ = self.placement.shard_model(self.model)
+        return self
+
     def refine(self, frames: np.ndarray, prompt: str, negative_prompt: str, config: RefinerConfig, guidance: float, seed: int) -> np.ndarray:
         """uint8 (F, H, W, 3) -> refined uint8 (F, config.height, config.width, 3), randomized blending."""
         ids, _ = tokenize(self.tokenizer, [prompt, negative_prompt], self.model.config("text_encoder").max_position_embeddings)
         text = self.model.module("text_encoder").apply({"params": self.model.params["text_encoder"]}, jnp.asarray(ids))
-        denoise = guided_unet_denoiser(self.model.module("unet"), self.model.params["unet"], text[:1], text[1:], guidance)
+        denoise = guided_unet_denoiser(
+            self.model.module("unet"), self.model.params["unet"], text[:1], text[1:], guidance, self.placement
+        )
         video = jnp.asarray(frames, jnp.float32)[None] / 127.5 - 1.0
         refined = refine_video(
-            denoise, self.schedule, config, self.model.module("vae"), self.model.params["vae"], video, jax.random.key(seed)
+            denoise, self.schedule, config, self.model.module("vae"), self.model.params["vae"], video,
+            jax.random.key(seed), placement=self.placement,
         )
         return np.asarray(to_uint8(refined))[0]

@@ -17,15 +17,16 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from st2v_jax.convert.components import PretrainedModel
 from st2v_jax.diffusion.schedules import NoiseSchedule
 from st2v_jax.models.apm import ImageTokenResampler
+from st2v_jax.models.execution import DEFAULT_EXECUTION, ExecutionOptions
 from st2v_jax.models.image_preprocess import clip_image_preprocess
 from st2v_jax.models.vae import decode_video
-from st2v_jax.parallel import DEFAULT_RULES, Rules, axis_sizes, batch_spec, named_shardings, partition_specs
-from st2v_jax.pretrained import load_pretrained
+from st2v_jax.parallel import DEFAULT_RULES, Placement, Rules, constrain_batch, replicated
+from st2v_jax.pretrained import load_for_inference
 from st2v_jax.tokenizer import load_tokenizer, tokenize
 
 Array = jax.Array
@@ -39,8 +40,7 @@ class StreamingT2VPipeline:
     model: PretrainedModel
     tokenizer: Any
     scheduler_config: dict
-    mesh: Optional[Mesh] = None
-    rules: Rules = DEFAULT_RULES
+    placement: Optional[Placement] = None
     # {component: NamedSharding tree} once sharded (None: everything on the default device).
     param_shardings: Optional[dict] = None
 
@@ -65,9 +65,12 @@ class StreamingT2VPipeline:
             )
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, checksums: bool = True) -> "StreamingT2VPipeline":
-        """A converted folder, a diffusers folder or an official checkpoint (see `load_pretrained`)."""
-        model = load_pretrained(path, checksums=checksums)
+    def from_pretrained(
+        cls, path: str | os.PathLike, checksums: bool = True, execution: ExecutionOptions = DEFAULT_EXECUTION
+    ) -> "StreamingT2VPipeline":
+        """A converted folder, a diffusers folder or an official checkpoint (see `load_pretrained`),
+        run with `execution` (attention kernel, compute dtype; see `PretrainedModel.for_inference`)."""
+        model = load_for_inference(path, checksums, execution)
         if model.tokenizer_dir() is None:
             raise ModelLayoutError(f"{path} has no tokenizer/ folder (vocab.json + merges.txt or tokenizer.json)")
         return cls(model, load_tokenizer(model.tokenizer_dir()), model.scheduler_config())
@@ -77,23 +80,23 @@ class StreamingT2VPipeline:
     def shard(self, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> "StreamingT2VPipeline":
         """Lays the params out over `mesh` (in place; returns self). Jitted encoders built
         before this keep working: jit follows where its inputs live."""
-        specs = {name: partition_specs(self.model.abstract_params(name), axis_sizes(mesh), rules) for name in self.params}
-        self.mesh, self.rules, self.param_shardings = mesh, rules, named_shardings(mesh, specs)
-        self.params = jax.device_put(self.params, self.param_shardings)
-        self.model = dataclasses.replace(self.model, params=self.params)  # no unsharded copy stays alive
+        self.placement = Placement(mesh, rules)
+        self.model, self.param_shardings = self.placement.shard_model(self.model)
+        self.params = self.model.params
         return self
+
+    @property
+    def mesh(self) -> Optional[Mesh]:
+        return None if self.placement is None else self.placement.mesh
 
     @property
     def replicated(self) -> Optional[NamedSharding]:
         """Whole on every device: what the host reads back (None when not sharded)."""
-        return None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
+        return replicated(self.placement)
 
     def constrain_batch(self, x: Array) -> Array:
         """Inside jit: splits x's leading (batch) axis over the mesh's batch axes."""
-        if self.mesh is None:
-            return x
-        spec = batch_spec(x.shape[0], axis_sizes(self.mesh), self.rules)
-        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+        return constrain_batch(x, self.placement)
 
     # ------------------------------------------------------------------ sizes and schedules
 
@@ -165,8 +168,11 @@ class StreamingT2VPipeline:
     def anchor_tokens(self, image_embeds: Array) -> Array:
         """APM resampler: (B, Fa, D) anchor embeddings -> (B, image tokens, D)."""
         cfg = self.config["streaming"]
-        resampler = ImageTokenResampler(cfg.resampler_hidden, cfg.image_tokens, cfg.unet.cross_attention_dim)
-        return resampler.apply({"params": self.params["streaming"]["resampler"]}, image_embeds)
+        resampler = ImageTokenResampler(
+            cfg.resampler_hidden, cfg.image_tokens, cfg.unet.cross_attention_dim, execution=self.model.execution
+        )
+        # float32 like every other conditioning tensor the sampler carries, whatever the compute dtype.
+        return resampler.apply({"params": self.params["streaming"]["resampler"]}, image_embeds).astype(jnp.float32)
 
     def decode(self, latents: Array, chunk_size: int = 8) -> Array:
         """Scaled latents (B, F, h, w, 4) -> frames (B, F, H, W, 3) in [-1, 1]."""

@@ -56,6 +56,7 @@ from st2v_jax.diffusion.solvers import (
 )
 from st2v_jax.models.unet3d import UNet3D
 from st2v_jax.models.vae import AutoencoderKL, decode_video, encode_video
+from st2v_jax.parallel import Placement, constrain_batch
 
 Array = jax.Array
 # (latent chunks (N, chunk, h, w, C), timestep ()) -> model output of the schedule's prediction
@@ -357,11 +358,13 @@ def refine_video(
     key: Array,
     *,
     vae_chunk_size: int = 8,
+    placement: Optional[Placement] = None,
 ) -> Array:
     """Low-resolution video (B, F, H, W, 3) in [-1, 1] -> refined video (B, F, config.height,
     config.width, 3): upsample, VAE-encode (posterior mean), `refine_latents`, decode; one jit.
 
-    The VAE works on `vae_chunk_size` frames at a time.
+    The VAE works on `vae_chunk_size` frames at a time. With a `placement` (a sharded model)
+    the video comes back whole on every device.
     """
     if frames.ndim != 5:
         raise ValueError(f"expected a video (B, F, H, W, C), got shape {frames.shape}")
@@ -374,11 +377,11 @@ def refine_video(
         )
     refinement_timesteps(schedule, config)
     return _refine_video_jit(
-        as_jit_argument(denoise), schedule, config, vae, vae_params, frames, key, vae_chunk_size
+        as_jit_argument(denoise), schedule, config, vae, vae_params, frames, key, vae_chunk_size, placement
     )
 
 
-@functools.partial(jax.jit, static_argnames=("schedule", "config", "vae", "vae_chunk_size"))
+@functools.partial(jax.jit, static_argnames=("schedule", "config", "vae", "vae_chunk_size", "placement"))
 def _refine_video_jit(
     denoise: Denoiser,
     schedule: NoiseSchedule,
@@ -388,11 +391,13 @@ def _refine_video_jit(
     frames: Array,
     key: Array,
     vae_chunk_size: int,
+    placement: Optional[Placement],
 ) -> Array:
     upsampled = upsample_video(frames, (config.height, config.width))
     latents = encode_video(vae, vae_params, upsampled, chunk_size=vae_chunk_size)
     refined = _refine_latents(denoise, schedule, config, latents, key, None)
-    return decode_video(vae, vae_params, refined, chunk_size=vae_chunk_size)
+    decoded = decode_video(vae, vae_params, refined, chunk_size=vae_chunk_size)
+    return decoded if placement is None else jax.lax.with_sharding_constraint(decoded, placement.replicated)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,6 +410,8 @@ class _GuidedUNet3D:
     rebuilt for another prompt or params reuse the compiled refinement loop."""
 
     unet: UNet3D
+    # Spreads the guidance branches of a group of chunks over the mesh's batch axes.
+    placement: Optional[Placement] = None
 
     def __call__(
         self,
@@ -423,21 +430,29 @@ class _GuidedUNet3D:
         contexts = jnp.concatenate(
             [jnp.tile(negative_context, (repeats, 1, 1)), jnp.tile(context, (repeats, 1, 1))], axis=0
         )
-        outputs = self.unet.apply({"params": params}, jnp.concatenate([latent_chunks] * 2, axis=0), t, contexts)
+        branches = constrain_batch(jnp.concatenate([latent_chunks] * 2, axis=0), self.placement)
+        outputs = self.unet.apply({"params": params}, branches, t, constrain_batch(contexts, self.placement))
         unconditional, conditional = jnp.split(outputs, 2, axis=0)
         return unconditional + guidance_scale * (conditional - unconditional)
 
 
 def guided_unet_denoiser(
-    unet: UNet3D, params: Any, context: Array, negative_context: Array, guidance_scale: float
+    unet: UNet3D,
+    params: Any,
+    context: Array,
+    negative_context: Array,
+    guidance_scale: float,
+    placement: Optional[Placement] = None,
 ) -> jax.tree_util.Partial:
     """A `Denoiser` with classifier-free guidance from a UNet3D: one call on the batch
     [unconditional; conditional], out = uncond + guidance_scale * (cond - uncond).
 
     `context` / `negative_context` are (B, L, D) text embeddings for a video batch of B.
+    With a `placement`, the batch of every call (2 x chunks per batch x B) is split over
+    the mesh's data axes.
     """
     if context.shape != negative_context.shape:
         raise ValueError(f"context {context.shape} and negative context {negative_context.shape} differ in shape")
     return jax.tree_util.Partial(
-        _GuidedUNet3D(unet), params, context, negative_context, jnp.asarray(guidance_scale, jnp.float32)
+        _GuidedUNet3D(unet, placement), params, context, negative_context, jnp.asarray(guidance_scale, jnp.float32)
     )

@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from st2v_jax.convert.components import PretrainedModel
 from st2v_jax.diffusion.vid2vid_schedule import (
@@ -50,8 +51,10 @@ from st2v_jax.generation.refiner import (
     chunk_starts,
     stitch_x0,
 )
+from st2v_jax.models.execution import DEFAULT_EXECUTION, ExecutionOptions
 from st2v_jax.models.vae import AutoencoderKL, decode_video, encode_video
 from st2v_jax.models.vid2vid_unet import Vid2VidUNet, check_latent_size
+from st2v_jax.parallel import DEFAULT_RULES, Placement, Rules, constrain_batch
 
 Array = jax.Array
 VID2VID_COMPONENTS = ("vid2vid_unet", "vae", "text_encoder")
@@ -200,9 +203,11 @@ def refine_video_vid2vid(
     key: Array,
     *,
     vae_chunk_size: int = 8,
+    placement: Placement | None = None,
 ) -> Array:
     """Low-resolution video (B, F, H, W, 3) in [-1, 1] -> refined video: (B, F, canvas, 3) with
-    `config.letterbox`, else the content region (720x720 for square input); one jit."""
+    `config.letterbox`, else the content region (720x720 for square input); one jit. With a
+    `placement` (a sharded model) the video comes back whole on every device."""
     if frames.ndim != 5:
         raise ValueError(f"expected a video (B, F, H, W, C), got shape {frames.shape}")
     chunk_starts(frames.shape[1], config.chunk, config.overlap)
@@ -210,10 +215,12 @@ def refine_video_vid2vid(
     if config.canvas_height % factor or config.canvas_width % factor:
         raise ValueError(f"the {config.canvas_height}x{config.canvas_width} canvas is not a multiple of the VAE factor {factor}")
     plan = dpmpp_2m_sde_plan(schedule, config.num_steps, t_max=config.start_timestep)
-    return _refine_video_jit(as_jit_argument(denoise), schedule, plan, config, vae, vae_params, frames, key, vae_chunk_size)
+    return _refine_video_jit(
+        as_jit_argument(denoise), schedule, plan, config, vae, vae_params, frames, key, vae_chunk_size, placement
+    )
 
 
-@functools.partial(jax.jit, static_argnames=("schedule", "config", "vae", "vae_chunk_size"))
+@functools.partial(jax.jit, static_argnames=("schedule", "config", "vae", "vae_chunk_size", "placement"))
 def _refine_video_jit(
     denoise: Denoiser,
     schedule: LogSNRCosineSchedule,
@@ -224,6 +231,7 @@ def _refine_video_jit(
     frames: Array,
     key: Array,
     vae_chunk_size: int,
+    placement: Placement | None,
 ) -> Array:
     canvas = (config.canvas_height, config.canvas_width)
     encode_key, refine_key = jax.random.split(key)
@@ -231,10 +239,10 @@ def _refine_video_jit(
     latents = encode_video(vae, vae_params, video, encode_key if config.sample_posterior else None, vae_chunk_size)
     refined = _refine_latents(denoise, schedule, plan, config, latents, refine_key, None)
     decoded = jnp.clip(decode_video(vae, vae_params, refined, vae_chunk_size), -1.0, 1.0)
-    if config.letterbox:
-        return decoded
-    top, left, h, w = content_box(*frames.shape[2:4], canvas)
-    return decoded[:, :, top : top + h, left : left + w]
+    if not config.letterbox:
+        top, left, h, w = content_box(*frames.shape[2:4], canvas)
+        decoded = decoded[:, :, top : top + h, left : left + w]
+    return decoded if placement is None else jax.lax.with_sharding_constraint(decoded, placement.replicated)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,6 +255,8 @@ class _GuidedVid2VidUNet:
     prompt or new params reuse the compiled loop)."""
 
     unet: Vid2VidUNet
+    # Spreads the guidance branches of a group of chunks over the mesh's batch axes.
+    placement: Placement | None = None
 
     def __call__(
         self, params: Any, context: Array, negative_context: Array, scale: Array, rescale: Array, latent_chunks: Array, t: Array
@@ -255,21 +265,29 @@ class _GuidedVid2VidUNet:
         if remainder:
             raise ValueError(f"{latent_chunks.shape[0]} latent chunks for a context batch of {context.shape[0]}")
         contexts = jnp.concatenate([jnp.tile(context, (repeats, 1, 1)), jnp.tile(negative_context, (repeats, 1, 1))], axis=0)
-        outputs = self.unet.apply({"params": params}, jnp.concatenate([latent_chunks] * 2, axis=0), t, contexts)
+        branches = constrain_batch(jnp.concatenate([latent_chunks] * 2, axis=0), self.placement)
+        outputs = self.unet.apply({"params": params}, branches, t, constrain_batch(contexts, self.placement))
         conditional, unconditional = jnp.split(outputs, 2, axis=0)
         # Per chunk (batch entry) statistics, as modelscope denoises one chunk at a time.
         return guidance_with_rescale(conditional, unconditional, scale, rescale)
 
 
 def guided_vid2vid_denoiser(
-    unet: Vid2VidUNet, params: Any, context: Array, negative_context: Array, guidance: float, guidance_rescale: float
+    unet: Vid2VidUNet,
+    params: Any,
+    context: Array,
+    negative_context: Array,
+    guidance: float,
+    guidance_rescale: float,
+    placement: Placement | None = None,
 ) -> jax.tree_util.Partial:
     """A `Denoiser` returning modelscope's guided v: uncond + guidance (cond - uncond), rescaled
-    towards the conditional output's spread by `guidance_rescale`."""
+    towards the conditional output's spread by `guidance_rescale`. With a `placement`, the
+    batch of every call is split over the mesh's data axes."""
     if context.shape != negative_context.shape:
         raise ValueError(f"context {context.shape} and negative context {negative_context.shape} differ in shape")
     return jax.tree_util.Partial(
-        _GuidedVid2VidUNet(unet), params, context, negative_context,
+        _GuidedVid2VidUNet(unet, placement), params, context, negative_context,
         jnp.asarray(guidance, jnp.float32), jnp.asarray(guidance_rescale, jnp.float32),
     )
 
@@ -293,13 +311,17 @@ class Vid2VidRefiner:
     model: PretrainedModel
     tokenizer: Any
     schedule: LogSNRCosineSchedule = dataclasses.field(default_factory=LogSNRCosineSchedule)
+    placement: Placement | None = None
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, checksums: bool = True) -> "Vid2VidRefiner":
-        from st2v_jax.pretrained import load_pretrained
+    def from_pretrained(
+        cls, path: str | os.PathLike, checksums: bool = True, execution: ExecutionOptions = DEFAULT_EXECUTION
+    ) -> "Vid2VidRefiner":
+        """A converted MS-Vid2Vid-XL folder, run with `execution` (see `PretrainedModel.for_inference`)."""
+        from st2v_jax.pretrained import load_for_inference
         from st2v_jax.tokenizer import load_tokenizer
 
-        model = load_pretrained(path, checksums=checksums)
+        model = load_for_inference(path, checksums, execution)
         missing = [c for c in VID2VID_COMPONENTS if c not in model.params]
         if missing or model.tokenizer_dir() is None:
             raise ValueError(
@@ -308,6 +330,13 @@ class Vid2VidRefiner:
                 "open_clip_pytorch_model.bin --vae v2-1_512-ema-pruned.ckpt --tokenizer-dir text-to-video-ms-1.7b/tokenizer --out DIR"
             )
         return cls(model, load_tokenizer(model.tokenizer_dir()))
+
+    def shard(self, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> "Vid2VidRefiner":
+        """Lays the params out over `mesh` (in place; returns self); each denoiser call's
+        guidance branches and chunks (`chunks_per_batch`) go over its data axes."""
+        self.placement = Placement(mesh, rules)
+        self.model, _ = self.placement.shard_model(self.model)
+        return self
 
     def output_size(self, height: int, width: int, config: Vid2VidRefinerConfig) -> tuple[int, int]:
         canvas = (config.canvas_height, config.canvas_width)
@@ -328,10 +357,11 @@ class Vid2VidRefiner:
         text = self.model.module("text_encoder").apply({"params": self.model.params["text_encoder"]}, jnp.asarray(ids))
         denoise = guided_vid2vid_denoiser(
             self.model.module("vid2vid_unet"), self.model.params["vid2vid_unet"], text[:1], text[1:],
-            config.guidance, config.guidance_rescale,
+            config.guidance, config.guidance_rescale, self.placement,
         )
         video = jnp.asarray(frames, jnp.float32)[None] / 127.5 - 1.0
         refined = refine_video_vid2vid(
-            denoise, self.schedule, config, self.model.module("vae"), self.model.params["vae"], video, jax.random.key(seed)
+            denoise, self.schedule, config, self.model.module("vae"), self.model.params["vae"], video,
+            jax.random.key(seed), placement=self.placement,
         )
         return np.asarray(to_uint8(refined))[0]

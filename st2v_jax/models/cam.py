@@ -15,6 +15,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from st2v_jax.models.execution import DEFAULT_EXECUTION, ExecutionOptions
 from st2v_jax.models.layers import Array, Attention, GroupNorm, conv, dense
 from st2v_jax.models.unet3d import UNet3D
 
@@ -25,14 +26,16 @@ class FrameEncoder(nn.Module):
 
     widths: Sequence[int] = (32, 96, 256, 512)
     out_features: int = 320
+    execution: ExecutionOptions = DEFAULT_EXECUTION
 
     @nn.compact
     def __call__(self, frames: Array) -> Array:
-        h = nn.silu(conv(self.widths[0], (3, 3), padding=1, name="conv_in")(frames))
+        dtype = self.execution.dtype
+        h = nn.silu(conv(self.widths[0], (3, 3), padding=1, dtype=dtype, name="conv_in")(frames))
         for i, (width, next_width) in enumerate(zip(self.widths[:-1], self.widths[1:])):
-            h = nn.silu(conv(width, (3, 3), padding=1, name=f"blocks_{2 * i}")(h))
-            h = nn.silu(conv(next_width, (3, 3), strides=2, padding=1, name=f"blocks_{2 * i + 1}")(h))
-        return conv(self.out_features, (3, 3), padding=1, zero_init=True, name="conv_out")(h)
+            h = nn.silu(conv(width, (3, 3), padding=1, dtype=dtype, name=f"blocks_{2 * i}")(h))
+            h = nn.silu(conv(next_width, (3, 3), strides=2, padding=1, dtype=dtype, name=f"blocks_{2 * i + 1}")(h))
+        return conv(self.out_features, (3, 3), padding=1, zero_init=True, dtype=dtype, name="conv_out")(h)
 
 
 class CAMEncoder(UNet3D):
@@ -43,7 +46,7 @@ class CAMEncoder(UNet3D):
 
     def setup(self) -> None:
         super().setup()
-        self.cond_embedding = FrameEncoder(tuple(self.conditioning_widths), self.config.block_out_channels[0])
+        self.cond_embedding = FrameEncoder(tuple(self.conditioning_widths), self.config.block_out_channels[0], execution=self.execution)
 
     def __call__(
         self, latents: Array, timesteps: Array, text_context: Array, cond_frames: Array
@@ -59,12 +62,15 @@ class SkipMerger(nn.Module):
 
     head_dim: int = 64
     num_groups: int = 32
+    execution: ExecutionOptions = DEFAULT_EXECUTION
 
     @nn.compact
     def __call__(self, base: Array, cam: Array) -> Array:
         b, f, hh, ww, c = base.shape
+        ex = self.execution
         per_pixel = lambda x: jnp.transpose(x, (0, 2, 3, 1, 4)).reshape(b * hh * ww, x.shape[1], c)
-        queries = dense(c, name="proj_in")(per_pixel(GroupNorm(self.num_groups, 1e-6, across_frames=True, name="norm")(base)))
-        merged = Attention(c // self.head_dim, self.head_dim, c, name="attention")(queries, per_pixel(cam))
-        merged = dense(c, zero_init=True, name="proj_out")(merged)
+        normed = GroupNorm(self.num_groups, 1e-6, across_frames=True, name="norm")(base)
+        queries = dense(c, dtype=ex.dtype, name="proj_in")(per_pixel(normed))
+        merged = Attention(c // self.head_dim, self.head_dim, c, execution=ex, name="attention")(queries, per_pixel(cam))
+        merged = dense(c, zero_init=True, dtype=ex.dtype, name="proj_out")(merged)
         return base + jnp.transpose(merged.reshape(b, hh, ww, f, c), (0, 3, 1, 2, 4))

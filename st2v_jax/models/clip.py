@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from st2v_jax.models.execution import DEFAULT_EXECUTION, ExecutionOptions
 from st2v_jax.models.layers import Array, conv, dense, dot_product_attention, layer_norm
 
 
@@ -49,15 +50,17 @@ class SelfAttention(nn.Module):
     heads: int
     causal: bool = False
     fused_qkv: bool = False
+    execution: ExecutionOptions = DEFAULT_EXECUTION
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        width = x.shape[-1]
+        width, ex = x.shape[-1], self.execution
         if self.fused_qkv:
-            q, k, v = jnp.split(dense(3 * width, name="in_proj")(x), 3, axis=-1)
+            q, k, v = jnp.split(dense(3 * width, dtype=ex.dtype, name="in_proj")(x), 3, axis=-1)
         else:
-            q, k, v = (dense(width, name=f"{name}_proj")(x) for name in "qkv")
-        return dense(width, name="out_proj")(dot_product_attention(q, k, v, self.heads, is_causal=self.causal))
+            q, k, v = (dense(width, dtype=ex.dtype, name=f"{name}_proj")(x) for name in "qkv")
+        out = dot_product_attention(q, k, v, self.heads, is_causal=self.causal, execution=ex)
+        return dense(width, dtype=ex.dtype, name="out_proj")(out)
 
 
 class MLP(nn.Module):
@@ -65,11 +68,13 @@ class MLP(nn.Module):
 
     hidden: int
     activation: str
+    execution: ExecutionOptions = DEFAULT_EXECUTION
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        h = ACTIVATIONS[self.activation](dense(self.hidden, name="fc1")(x))
-        return dense(x.shape[-1], name="fc2")(h)
+        dtype = self.execution.dtype
+        h = ACTIVATIONS[self.activation](dense(self.hidden, dtype=dtype, name="fc1")(x))
+        return dense(x.shape[-1], dtype=dtype, name="fc2")(h)
 
 
 class EncoderLayer(nn.Module):
@@ -81,13 +86,15 @@ class EncoderLayer(nn.Module):
     layer_norm_eps: float
     causal: bool = False
     fused_qkv: bool = False
+    execution: ExecutionOptions = DEFAULT_EXECUTION
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        attn = SelfAttention(self.heads, self.causal, self.fused_qkv, name="self_attn")
-        x = x + attn(layer_norm(self.layer_norm_eps, name="layer_norm1")(x))
-        mlp = MLP(self.mlp_hidden, self.activation, name="mlp")
-        return x + mlp(layer_norm(self.layer_norm_eps, name="layer_norm2")(x))
+        ex = self.execution
+        attn = SelfAttention(self.heads, self.causal, self.fused_qkv, execution=ex, name="self_attn")
+        x = x + attn(layer_norm(self.layer_norm_eps, dtype=ex.dtype, name="layer_norm1")(x))
+        mlp = MLP(self.mlp_hidden, self.activation, execution=ex, name="mlp")
+        return x + mlp(layer_norm(self.layer_norm_eps, dtype=ex.dtype, name="layer_norm2")(x))
 
 
 def _normal_init(stddev: float, axes: tuple[str, ...]) -> Callable:
@@ -176,26 +183,30 @@ class CLIPTextTransformer(nn.Module):
 
     `__call__(input_ids (B, L) int)` -> last_hidden_state (B, L, hidden), after
     final_layer_norm. `encode` gives earlier layers, `pooled_output` the EOS-token state and
-    `text_embeds` its projection; call them with `apply(..., method=...)`.
+    `text_embeds` its projection; call them with `apply(..., method=...)`. Outputs are
+    float32 whatever `execution.compute_dtype`.
     """
 
     config: CLIPTextConfig
+    execution: ExecutionOptions = DEFAULT_EXECUTION
 
     def setup(self) -> None:
-        cfg = self.config
+        cfg, ex = self.config, self.execution
         self.token_embedding = nn.Embed(
-            cfg.vocab_size, cfg.hidden_size, embedding_init=_normal_init(0.02, ("vocab", "channels"))
+            cfg.vocab_size, cfg.hidden_size, dtype=ex.dtype, embedding_init=_normal_init(0.02, ("vocab", "channels"))
         )
         self.position_embedding = nn.Embed(
-            cfg.max_position_embeddings, cfg.hidden_size, embedding_init=_normal_init(0.01, ("positions", "channels"))
+            cfg.max_position_embeddings, cfg.hidden_size, dtype=ex.dtype, embedding_init=_normal_init(0.01, ("positions", "channels"))
         )
         self.layers = [
-            EncoderLayer(cfg.num_attention_heads, cfg.intermediate_size, cfg.hidden_act, cfg.layer_norm_eps, causal=True)
+            ex.block(EncoderLayer)(
+                cfg.num_attention_heads, cfg.intermediate_size, cfg.hidden_act, cfg.layer_norm_eps, causal=True, execution=ex
+            )
             for _ in range(cfg.num_hidden_layers)
         ]
-        self.final_layer_norm = layer_norm(cfg.layer_norm_eps)
+        self.final_layer_norm = layer_norm(cfg.layer_norm_eps, dtype=ex.dtype)
         if cfg.projection_dim is not None:
-            self.text_projection = dense(cfg.projection_dim, use_bias=False)
+            self.text_projection = dense(cfg.projection_dim, use_bias=False, dtype=ex.dtype)
 
     def encode(self, input_ids: Array, *, skip_last_layers: int = 0, final_layer_norm: bool = True) -> Array:
         """Hidden states (B, L, hidden) after all but the last `skip_last_layers` layers.
@@ -215,7 +226,7 @@ class CLIPTextTransformer(nn.Module):
         x = self.token_embedding(input_ids) + self.position_embedding(jnp.arange(length))
         for layer in self.layers[: cfg.num_hidden_layers - skip_last_layers]:
             x = layer(x)
-        return self.final_layer_norm(x) if final_layer_norm else x
+        return (self.final_layer_norm(x) if final_layer_norm else x).astype(jnp.float32)
 
     def __call__(self, input_ids: Array) -> Array:
         last_hidden_state = self.encode(input_ids)
@@ -239,7 +250,7 @@ class CLIPTextTransformer(nn.Module):
         """CLIPTextModelWithProjection's `text_embeds` (B, projection_dim), unnormalised."""
         if self.config.projection_dim is None:
             raise ValueError("this CLIP text config has no projection (projection_dim is None)")
-        return self.text_projection(self.pooled_output(input_ids))
+        return self.text_projection(self.pooled_output(input_ids)).astype(jnp.float32)
 
 
 # --------------------------------------------------------------------------- vision tower
@@ -369,19 +380,21 @@ class OpenCLIPVisionConfig:
 
 class OpenCLIPVisionTransformer(nn.Module):
     """open_clip's VisionTransformer with default settings: pixels (N, H, W, 3), already
-    resized to `image_size` and CLIP-normalised -> pooled, projected embedding (N, output_dim).
+    resized to `image_size` and CLIP-normalised -> pooled, projected embedding (N, output_dim),
+    float32 whatever `execution.compute_dtype`.
     """
 
     config: OpenCLIPVisionConfig
+    execution: ExecutionOptions = DEFAULT_EXECUTION
 
     @nn.compact
     def __call__(self, pixels: Array) -> Array:
-        cfg = self.config
+        cfg, ex = self.config, self.execution
         expected = (cfg.image_size, cfg.image_size, 3)
         if pixels.ndim != 4 or tuple(pixels.shape[1:]) != expected:
             raise ValueError(f"pixels must be (N, {', '.join(map(str, expected))}), got shape {pixels.shape}")
         scale = cfg.width**-0.5
-        patchify = conv(cfg.width, (cfg.patch_size, cfg.patch_size), strides=cfg.patch_size, use_bias=False, name="conv1")
+        patchify = conv(cfg.width, (cfg.patch_size, cfg.patch_size), strides=cfg.patch_size, use_bias=False, dtype=ex.dtype, name="conv1")
         class_embedding = self.param("class_embedding", _normal_init(scale, ("channels",)), (cfg.width,))
         positional_embedding = self.param(
             "positional_embedding", _normal_init(scale, ("positions", "channels")), (cfg.grid_size**2 + 1, cfg.width)
@@ -392,14 +405,15 @@ class OpenCLIPVisionTransformer(nn.Module):
         # Row-major patch order, as open_clip's reshape of the NCHW conv output.
         patches = patchify(pixels).reshape(n, cfg.grid_size**2, cfg.width)
         class_token = jnp.broadcast_to(class_embedding.astype(patches.dtype), (n, 1, cfg.width))
-        x = jnp.concatenate([class_token, patches], axis=1) + positional_embedding
-        x = layer_norm(cfg.layer_norm_eps, name="ln_pre")(x)
+        x = jnp.concatenate([class_token, patches], axis=1) + positional_embedding.astype(ex.dtype)
+        x = layer_norm(cfg.layer_norm_eps, dtype=ex.dtype, name="ln_pre")(x)
         activation = "quick_gelu" if cfg.quick_gelu else "gelu"
+        layer = ex.block(EncoderLayer)
         for i in range(cfg.layers):
-            x = EncoderLayer(
-                cfg.heads, int(cfg.width * cfg.mlp_ratio), activation, cfg.layer_norm_eps, fused_qkv=True, name=f"layers_{i}"
+            x = layer(
+                cfg.heads, int(cfg.width * cfg.mlp_ratio), activation, cfg.layer_norm_eps, fused_qkv=True, execution=ex, name=f"layers_{i}"
             )(x)
         # LayerNorm acts per token, so normalising only the class token equals open_clip's
         # ln_post over all tokens followed by taking token 0.
-        pooled = layer_norm(cfg.layer_norm_eps, name="ln_post")(x[:, 0])
-        return pooled @ proj
+        pooled = layer_norm(cfg.layer_norm_eps, dtype=ex.dtype, name="ln_post")(x[:, 0])
+        return (pooled @ proj.astype(ex.dtype)).astype(jnp.float32)

@@ -7,6 +7,10 @@ logical axis names (see `st2v_jax.parallel` for the mesh rules that map them):
   "channels_in"   input features of a kernel
   "channels_out"  output features of a kernel
   "channels"      a per-channel vector (bias, norm scale/shift)
+
+Modules with matmuls, convolutions or attention take `execution`
+(`st2v_jax.models.execution.ExecutionOptions`): their compute dtype and attention kernel.
+Parameters are created in float32 under every option; GroupNorm keeps the input's dtype.
 """
 from __future__ import annotations
 
@@ -16,6 +20,9 @@ from typing import Any, Callable, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from st2v_jax.models import pallas_attention
+from st2v_jax.models.execution import DEFAULT_EXECUTION, ExecutionOptions
 
 Array = jax.Array
 ContextMixerFactory = Callable[[], nn.Module]
@@ -30,11 +37,15 @@ def _channels_init(init: Callable) -> Callable:
     return nn.with_logical_partitioning(init, ("channels",))
 
 
-def dense(features: int, *, use_bias: bool = True, zero_init: bool = False, name: Optional[str] = None) -> nn.Dense:
-    """A Linear layer; `zero_init` gives the official zero-initialised output projections."""
+def dense(
+    features: int, *, use_bias: bool = True, zero_init: bool = False, dtype: Any = None, name: Optional[str] = None
+) -> nn.Dense:
+    """A Linear layer; `zero_init` gives the official zero-initialised output projections.
+    `dtype` is the compute dtype (inputs and kernel are cast to it); params stay float32."""
     return nn.Dense(
         features,
         use_bias=use_bias,
+        dtype=dtype,
         kernel_init=_kernel_init(nn.initializers.lecun_normal(), 0, zero_init),
         bias_init=_channels_init(nn.initializers.zeros_init()),
         name=name,
@@ -49,9 +60,10 @@ def conv(
     padding: int | Sequence[int] = 0,
     use_bias: bool = True,
     zero_init: bool = False,
+    dtype: Any = None,
     name: Optional[str] = None,
 ) -> nn.Conv:
-    """A convolution with symmetric zero padding (PyTorch semantics)."""
+    """A convolution with symmetric zero padding (PyTorch semantics), computed in `dtype`."""
     pads = [padding] * len(kernel_size) if isinstance(padding, int) else list(padding)
     return nn.Conv(
         features,
@@ -59,6 +71,7 @@ def conv(
         strides=strides,
         padding=[(p, p) for p in pads],
         use_bias=use_bias,
+        dtype=dtype,
         kernel_init=_kernel_init(nn.initializers.lecun_normal(), len(kernel_size), zero_init),
         bias_init=_channels_init(nn.initializers.zeros_init()),
         name=name,
@@ -93,23 +106,41 @@ class GroupNorm(nn.Module):
         return (normed * scale + bias).astype(x.dtype)
 
 
-def layer_norm(epsilon: float = 1e-5, name: Optional[str] = None) -> nn.LayerNorm:
+def layer_norm(epsilon: float = 1e-5, dtype: Any = None, name: Optional[str] = None) -> nn.LayerNorm:
+    """LayerNorm whose statistics are float32 (flax reduces in float32) and output is `dtype`."""
     return nn.LayerNorm(
         epsilon=epsilon,
         use_fast_variance=False,
+        dtype=dtype,
         scale_init=_channels_init(nn.initializers.ones_init()),
         bias_init=_channels_init(nn.initializers.zeros_init()),
         name=name,
     )
 
 
-def dot_product_attention(q: Array, k: Array, v: Array, heads: int, is_causal: bool = False) -> Array:
-    """Multi-head softmax attention scaled by 1/sqrt(d).
-    q (N, Lq, heads*d), k/v (N, Lk, heads*d) -> (N, Lq, heads*d)."""
+def dot_product_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    heads: int,
+    is_causal: bool = False,
+    execution: ExecutionOptions = DEFAULT_EXECUTION,
+    long_sequence: bool = False,
+) -> Array:
+    """Multi-head softmax attention scaled by 1/sqrt(d), softmax in float32.
+    q (N, Lq, heads*d), k/v (N, Lk, heads*d) -> (N, Lq, heads*d).
+
+    `execution.attention` picks the kernel; the splash kernel runs only where the caller
+    marks a `long_sequence` self-attention of at least one kernel tile."""
     n, lq, width = q.shape
     d = width // heads
-    split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, d)
-    out = jax.nn.dot_product_attention(split(q), split(k), split(v), is_causal=is_causal)
+    q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, d) for t in (q, k, v))
+    splash = execution.attention == "splash" and long_sequence and not is_causal
+    if splash and lq == k.shape[1] >= pallas_attention.MIN_TOKENS:
+        out = pallas_attention.splash_attention(q, k, v, interpret=execution.pallas_interpret)
+    else:
+        implementation = "cudnn" if execution.attention == "cudnn" else "xla"
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation=implementation)
     return out.reshape(n, lq, width)
 
 
@@ -118,6 +149,8 @@ class Attention(nn.Module):
 
     `context_mixer`, when given, builds a submodule that rewrites the key/value context
     before the projections (APM plugs in here without the UNet knowing about it).
+    `long_sequence` marks the spatial self-attention, the one attention long enough for the
+    splash kernel.
     """
 
     heads: int
@@ -125,13 +158,15 @@ class Attention(nn.Module):
     out_features: int
     qkv_bias: bool = False
     context_mixer: Optional[ContextMixerFactory] = None
+    long_sequence: bool = False
+    execution: ExecutionOptions = DEFAULT_EXECUTION
 
     def setup(self) -> None:
-        inner = self.heads * self.head_dim
-        self.to_q = dense(inner, use_bias=self.qkv_bias)
-        self.to_k = dense(inner, use_bias=self.qkv_bias)
-        self.to_v = dense(inner, use_bias=self.qkv_bias)
-        self.to_out = dense(self.out_features)
+        inner, dtype = self.heads * self.head_dim, self.execution.dtype
+        self.to_q = dense(inner, use_bias=self.qkv_bias, dtype=dtype)
+        self.to_k = dense(inner, use_bias=self.qkv_bias, dtype=dtype)
+        self.to_v = dense(inner, use_bias=self.qkv_bias, dtype=dtype)
+        self.to_out = dense(self.out_features, dtype=dtype)
         if self.context_mixer is not None:
             self.mixer = self.context_mixer()
 
@@ -140,8 +175,8 @@ class Attention(nn.Module):
             context = x
         elif self.context_mixer is not None:
             context = self.mixer(context)
-        out = dot_product_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
-        return self.to_out(out)
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        return self.to_out(dot_product_attention(q, k, v, self.heads, execution=self.execution, long_sequence=self.long_sequence))
 
 
 class GEGLUFeedForward(nn.Module):
@@ -149,11 +184,13 @@ class GEGLUFeedForward(nn.Module):
 
     features: int
     mult: int = 4
+    execution: ExecutionOptions = DEFAULT_EXECUTION
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        hidden, gate = jnp.split(dense(2 * self.mult * self.features, name="gate_proj")(x), 2, axis=-1)
-        return dense(self.features, name="out_proj")(hidden * jax.nn.gelu(gate, approximate=False))
+        dtype = self.execution.dtype
+        hidden, gate = jnp.split(dense(2 * self.mult * self.features, dtype=dtype, name="gate_proj")(x), 2, axis=-1)
+        return dense(self.features, dtype=dtype, name="out_proj")(hidden * jax.nn.gelu(gate, approximate=False))
 
 
 class TransformerBlock(nn.Module):
@@ -168,21 +205,26 @@ class TransformerBlock(nn.Module):
     head_dim: int
     cross_attention: bool
     context_mixer: Optional[ContextMixerFactory] = None
+    execution: ExecutionOptions = DEFAULT_EXECUTION
 
     @nn.compact
     def __call__(self, x: Array, context: Optional[Array] = None) -> Array:
         b, g, s, c = x.shape
-        attn = lambda name, mixer=None: Attention(self.heads, self.head_dim, c, context_mixer=mixer, name=name)
+        ex = self.execution
+        attn = lambda name, mixer=None, long=False: Attention(
+            self.heads, self.head_dim, c, context_mixer=mixer, long_sequence=long, execution=ex, name=name
+        )
 
-        h = layer_norm(name="norm1")(x).reshape(b * g, s, c)
-        x = x + attn("attn1")(h).reshape(b, g, s, c)
-        h = layer_norm(name="norm2")(x)
+        h = layer_norm(dtype=ex.dtype, name="norm1")(x).reshape(b * g, s, c)
+        # In a spatial block (the one with cross-attention) attn1 runs over the h*w pixels.
+        x = x + attn("attn1", long=self.cross_attention)(h).reshape(b, g, s, c)
+        h = layer_norm(dtype=ex.dtype, name="norm2")(x)
         if self.cross_attention:
             h = attn("attn2", self.context_mixer)(h.reshape(b, g * s, c), context)
         else:
             h = attn("attn2")(h.reshape(b * g, s, c))
         x = x + h.reshape(b, g, s, c)
-        return x + GEGLUFeedForward(c, name="ff")(layer_norm(name="norm3")(x))
+        return x + GEGLUFeedForward(c, execution=ex, name="ff")(layer_norm(dtype=ex.dtype, name="norm3")(x))
 
 
 class SpatialTransformer(nn.Module):
@@ -192,17 +234,18 @@ class SpatialTransformer(nn.Module):
     head_dim: int
     num_groups: int = 32
     context_mixer: Optional[ContextMixerFactory] = None
+    execution: ExecutionOptions = DEFAULT_EXECUTION
 
     @nn.compact
     def __call__(self, x: Array, context: Array) -> Array:
         b, f, hh, ww, c = x.shape
-        inner = self.heads * self.head_dim
+        inner, ex = self.heads * self.head_dim, self.execution
         h = GroupNorm(self.num_groups, 1e-6, name="norm")(x).reshape(b, f, hh * ww, c)
-        h = dense(inner, name="proj_in")(h)
+        h = dense(inner, dtype=ex.dtype, name="proj_in")(h)
         h = TransformerBlock(
-            self.heads, self.head_dim, cross_attention=True, context_mixer=self.context_mixer, name="transformer_blocks_0"
+            self.heads, self.head_dim, cross_attention=True, context_mixer=self.context_mixer, execution=ex, name="transformer_blocks_0"
         )(h, context)
-        h = dense(c, name="proj_out")(h)
+        h = dense(c, dtype=ex.dtype, name="proj_out")(h)
         return x + h.reshape(x.shape)
 
 
@@ -212,16 +255,17 @@ class TemporalTransformer(nn.Module):
     heads: int
     head_dim: int
     num_groups: int = 32
+    execution: ExecutionOptions = DEFAULT_EXECUTION
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         b, f, hh, ww, c = x.shape
-        inner = self.heads * self.head_dim
+        inner, ex = self.heads * self.head_dim, self.execution
         h = GroupNorm(self.num_groups, 1e-6, across_frames=True, name="norm")(x)
         h = jnp.transpose(h, (0, 2, 3, 1, 4)).reshape(b, hh * ww, f, c)
-        h = dense(inner, name="proj_in")(h)
-        h = TransformerBlock(self.heads, self.head_dim, cross_attention=False, name="transformer_blocks_0")(h)
-        h = dense(c, name="proj_out")(h)
+        h = dense(inner, dtype=ex.dtype, name="proj_in")(h)
+        h = TransformerBlock(self.heads, self.head_dim, cross_attention=False, execution=ex, name="transformer_blocks_0")(h)
+        h = dense(c, dtype=ex.dtype, name="proj_out")(h)
         return x + jnp.transpose(h.reshape(b, hh, ww, f, c), (0, 3, 1, 2, 4))
 
 
@@ -231,17 +275,19 @@ class ResnetBlock(nn.Module):
     features: int
     num_groups: int = 32
     epsilon: float = 1e-5
+    execution: ExecutionOptions = DEFAULT_EXECUTION
 
     @nn.compact
     def __call__(self, x: Array, temb: Optional[Array] = None) -> Array:
+        dtype = self.execution.dtype
         h = nn.silu(GroupNorm(self.num_groups, self.epsilon, name="norm1")(x))
-        h = conv(self.features, (3, 3), padding=1, name="conv1")(h)
+        h = conv(self.features, (3, 3), padding=1, dtype=dtype, name="conv1")(h)
         if temb is not None:
-            h = h + dense(self.features, name="time_emb_proj")(nn.silu(temb))[:, None, None, None, :]
+            h = h + dense(self.features, dtype=dtype, name="time_emb_proj")(nn.silu(temb))[:, None, None, None, :]
         h = nn.silu(GroupNorm(self.num_groups, self.epsilon, name="norm2")(h))
-        h = conv(self.features, (3, 3), padding=1, name="conv2")(h)
+        h = conv(self.features, (3, 3), padding=1, dtype=dtype, name="conv2")(h)
         if x.shape[-1] != self.features:
-            x = conv(self.features, (1, 1), name="conv_shortcut")(x)
+            x = conv(self.features, (1, 1), dtype=dtype, name="conv_shortcut")(x)
         return x + h
 
 
@@ -249,6 +295,7 @@ class TemporalConvBlock(nn.Module):
     """diffusers `TemporalConvLayer`: four [GroupNorm, SiLU, Conv (3,1,1)] stages along frames."""
 
     num_groups: int = 32
+    execution: ExecutionOptions = DEFAULT_EXECUTION
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -256,7 +303,7 @@ class TemporalConvBlock(nn.Module):
         for i in range(1, 5):
             h = nn.silu(GroupNorm(self.num_groups, 1e-5, across_frames=True, name=f"conv{i}_norm")(h))
             # conv4 is zero-initialised so a fresh block is the identity, as in the original.
-            h = conv(x.shape[-1], (3, 1, 1), padding=(1, 0, 0), zero_init=i == 4, name=f"conv{i}")(h)
+            h = conv(x.shape[-1], (3, 1, 1), padding=(1, 0, 0), zero_init=i == 4, dtype=self.execution.dtype, name=f"conv{i}")(h)
         return x + h
 
 
@@ -273,10 +320,12 @@ class TimestepMLP(nn.Module):
     """Linear -> SiLU -> Linear on the sinusoidal embedding (diffusers `TimestepEmbedding`)."""
 
     features: int
+    execution: ExecutionOptions = DEFAULT_EXECUTION
 
     @nn.compact
     def __call__(self, emb: Array) -> Array:
-        return dense(self.features, name="linear_2")(nn.silu(dense(self.features, name="linear_1")(emb)))
+        dtype = self.execution.dtype
+        return dense(self.features, dtype=dtype, name="linear_2")(nn.silu(dense(self.features, dtype=dtype, name="linear_1")(emb)))
 
 
 def upsample_nearest(x: Array, size: tuple[int, int]) -> Array:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from st2v_jax.models.apm import APMContextMixer, ImageTokenResampler
 from st2v_jax.models.cam import CAMEncoder, SkipMerger
+from st2v_jax.models.execution import DEFAULT_EXECUTION, ExecutionOptions
 from st2v_jax.models.layers import Array
 from st2v_jax.models.unet3d import UNet3D, UNet3DConfig
 
@@ -93,15 +94,16 @@ class StreamingUNet3D(nn.Module):
     latents (B, F, h, w, 4), context (B, text+image tokens, D), cond_frames (B, Fc, H, W, 3)."""
 
     config: StreamingConfig
+    execution: ExecutionOptions = DEFAULT_EXECUTION
 
     def setup(self) -> None:
-        cfg = self.config
-        mixer = functools.partial(APMContextMixer, text_tokens=cfg.text_tokens)
-        self.base = UNet3D(cfg.unet, context_mixer=mixer)
-        self.cam = CAMEncoder(cfg.unet, conditioning_widths=cfg.cam_conditioning_widths)
-        self.skip_mergers = [SkipMerger(cfg.merger_head_dim, cfg.merger_groups) for _ in range(cfg.num_skips)]
-        self.mid_merger = SkipMerger(cfg.merger_head_dim, cfg.merger_groups)
-        self.resampler = ImageTokenResampler(cfg.resampler_hidden, cfg.image_tokens, cfg.unet.cross_attention_dim)
+        cfg, ex = self.config, self.execution
+        mixer = functools.partial(APMContextMixer, text_tokens=cfg.text_tokens, execution=ex)
+        self.base = UNet3D(cfg.unet, context_mixer=mixer, execution=ex)
+        self.cam = CAMEncoder(cfg.unet, conditioning_widths=cfg.cam_conditioning_widths, execution=ex)
+        self.skip_mergers = [SkipMerger(cfg.merger_head_dim, cfg.merger_groups, execution=ex) for _ in range(cfg.num_skips)]
+        self.mid_merger = SkipMerger(cfg.merger_head_dim, cfg.merger_groups, execution=ex)
+        self.resampler = ImageTokenResampler(cfg.resampler_hidden, cfg.image_tokens, cfg.unet.cross_attention_dim, execution=ex)
 
     def build_context(self, text_embeds: Array, image_embeds: Array) -> Array:
         """text_embeds (B, text_tokens, D), anchor image_embeds (B, anchor_frames, D) -> context."""

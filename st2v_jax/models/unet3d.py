@@ -16,6 +16,7 @@ from typing import Any, Mapping, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from st2v_jax.models.execution import DEFAULT_EXECUTION, ExecutionOptions
 from st2v_jax.models.layers import (
     Array,
     ContextMixerFactory,
@@ -97,12 +98,14 @@ class _Resample(nn.Module):
 
     features: int
     down: bool
+    execution: ExecutionOptions = DEFAULT_EXECUTION
 
     @nn.compact
     def __call__(self, x: Array, size: Optional[tuple[int, int]] = None) -> Array:
+        dtype = self.execution.dtype
         if self.down:
-            return conv(self.features, (3, 3), strides=2, padding=1, name="conv")(x)
-        return conv(self.features, (3, 3), padding=1, name="conv")(upsample_nearest(x, size))
+            return conv(self.features, (3, 3), strides=2, padding=1, dtype=dtype, name="conv")(x)
+        return conv(self.features, (3, 3), padding=1, dtype=dtype, name="conv")(upsample_nearest(x, size))
 
 
 class _Stage(nn.Module):
@@ -116,24 +119,26 @@ class _Stage(nn.Module):
     with_attention: bool
     resample: Optional[str]  # "down", "up" or None
     context_mixer: Optional[ContextMixerFactory] = None
+    execution: ExecutionOptions = DEFAULT_EXECUTION
 
     def setup(self) -> None:
-        cfg, c = self.config, self.features
-        self.resnets = [ResnetBlock(c, cfg.norm_num_groups, cfg.norm_eps) for _ in range(self.num_layers)]
-        self.temp_convs = [TemporalConvBlock(cfg.norm_num_groups) for _ in range(self.num_layers)]
+        cfg, c, ex = self.config, self.features, self.execution
+        n = self.num_layers
+        self.resnets = [ex.block(ResnetBlock)(c, cfg.norm_num_groups, cfg.norm_eps, execution=ex) for _ in range(n)]
+        self.temp_convs = [ex.block(TemporalConvBlock)(cfg.norm_num_groups, execution=ex) for _ in range(n)]
         if self.with_attention:
             heads = cfg.heads(c)
             self.attentions = [
-                SpatialTransformer(heads, cfg.attention_head_dim, cfg.norm_num_groups, self.context_mixer)
-                for _ in range(self.num_layers)
+                ex.block(SpatialTransformer)(heads, cfg.attention_head_dim, cfg.norm_num_groups, self.context_mixer, execution=ex)
+                for _ in range(n)
             ]
             self.temp_attentions = [
-                TemporalTransformer(heads, cfg.attention_head_dim, cfg.norm_num_groups) for _ in range(self.num_layers)
+                ex.block(TemporalTransformer)(heads, cfg.attention_head_dim, cfg.norm_num_groups, execution=ex) for _ in range(n)
             ]
         if self.resample == "down":
-            self.downsamplers_0 = _Resample(c, down=True)
+            self.downsamplers_0 = _Resample(c, down=True, execution=ex)
         elif self.resample == "up":
-            self.upsamplers_0 = _Resample(c, down=False)
+            self.upsamplers_0 = _Resample(c, down=False, execution=ex)
 
     def _layer(self, i: int, x: Array, temb: Array, context: Array) -> Array:
         x = self.temp_convs[i](self.resnets[i](x, temb))
@@ -166,37 +171,46 @@ class _MidBlock(nn.Module):
     config: UNet3DConfig
     features: int
     context_mixer: Optional[ContextMixerFactory] = None
+    execution: ExecutionOptions = DEFAULT_EXECUTION
 
     @nn.compact
     def __call__(self, x: Array, temb: Array, context: Array) -> Array:
-        cfg, c = self.config, self.features
-        x = ResnetBlock(c, cfg.norm_num_groups, cfg.norm_eps, name="resnets_0")(x, temb)
-        x = TemporalConvBlock(cfg.norm_num_groups, name="temp_convs_0")(x)
-        x = SpatialTransformer(cfg.heads(c), cfg.attention_head_dim, cfg.norm_num_groups, self.context_mixer, name="attentions_0")(
-            x, context
-        )
-        x = TemporalTransformer(cfg.heads(c), cfg.attention_head_dim, cfg.norm_num_groups, name="temp_attentions_0")(x)
-        x = ResnetBlock(c, cfg.norm_num_groups, cfg.norm_eps, name="resnets_1")(x, temb)
-        return TemporalConvBlock(cfg.norm_num_groups, name="temp_convs_1")(x)
+        cfg, c, ex = self.config, self.features, self.execution
+        resnet = lambda name: ex.block(ResnetBlock)(c, cfg.norm_num_groups, cfg.norm_eps, execution=ex, name=name)
+        temp_conv = lambda name: ex.block(TemporalConvBlock)(cfg.norm_num_groups, execution=ex, name=name)
+        x = resnet("resnets_0")(x, temb)
+        x = temp_conv("temp_convs_0")(x)
+        x = ex.block(SpatialTransformer)(
+            cfg.heads(c), cfg.attention_head_dim, cfg.norm_num_groups, self.context_mixer, execution=ex, name="attentions_0"
+        )(x, context)
+        x = ex.block(TemporalTransformer)(
+            cfg.heads(c), cfg.attention_head_dim, cfg.norm_num_groups, execution=ex, name="temp_attentions_0"
+        )(x)
+        x = resnet("resnets_1")(x, temb)
+        return temp_conv("temp_convs_1")(x)
 
 
 class UNet3D(nn.Module):
     """Noise predictor. Call with latents (B, F, H, W, C), timesteps () or (B,), context (B, L, D).
 
     `include_up_blocks=False` builds only the stem, down and mid blocks (the CAM encoder).
+    Whatever `execution.compute_dtype`, the noise prediction leaves in float32.
     """
 
     config: UNet3DConfig
     context_mixer: Optional[ContextMixerFactory] = None
     include_up_blocks: bool = True
+    execution: ExecutionOptions = DEFAULT_EXECUTION
 
     def setup(self) -> None:
-        cfg = self.config
+        cfg, ex = self.config, self.execution
         widths = cfg.block_out_channels
         last = len(widths) - 1
-        self.conv_in = conv(widths[0], (3, 3), padding=1)
-        self.time_embedding = TimestepMLP(cfg.time_embed_dim)
-        self.transformer_in = TemporalTransformer(TRANSFORMER_IN_HEADS, cfg.attention_head_dim, cfg.norm_num_groups)
+        self.conv_in = conv(widths[0], (3, 3), padding=1, dtype=ex.dtype)
+        self.time_embedding = TimestepMLP(cfg.time_embed_dim, execution=ex)
+        self.transformer_in = ex.block(TemporalTransformer)(
+            TRANSFORMER_IN_HEADS, cfg.attention_head_dim, cfg.norm_num_groups, execution=ex
+        )
         self.down_blocks = [
             _Stage(
                 cfg,
@@ -205,10 +219,11 @@ class UNet3D(nn.Module):
                 with_attention=kind == "CrossAttnDownBlock3D",
                 resample=None if i == last else "down",
                 context_mixer=self.context_mixer,
+                execution=ex,
             )
             for i, kind in enumerate(cfg.down_block_types)
         ]
-        self.mid_block = _MidBlock(cfg, widths[-1], self.context_mixer)
+        self.mid_block = _MidBlock(cfg, widths[-1], self.context_mixer, execution=ex)
         if self.include_up_blocks:
             self.up_blocks = [
                 _Stage(
@@ -218,11 +233,12 @@ class UNet3D(nn.Module):
                     with_attention=kind == "CrossAttnUpBlock3D",
                     resample=None if i == last else "up",
                     context_mixer=self.context_mixer,
+                    execution=ex,
                 )
                 for i, kind in enumerate(cfg.up_block_types)
             ]
             self.conv_norm_out = GroupNorm(cfg.norm_num_groups, cfg.norm_eps)
-            self.conv_out = conv(cfg.out_channels, (3, 3), padding=1)
+            self.conv_out = conv(cfg.out_channels, (3, 3), padding=1, dtype=ex.dtype)
 
     def encode(
         self, sample: Array, timesteps: Array, context: Array, stem_residual: Optional[Array] = None
@@ -252,7 +268,8 @@ class UNet3D(nn.Module):
             block_skips, skips = skips[-n:][::-1], skips[:-n]
             size = skips[-1].shape[-3:-1] if skips else None
             h = block.up(h, block_skips, temb, context, size)
-        return self.conv_out(nn.silu(self.conv_norm_out(h)))
+        # float32 out: guidance and the solvers work on differences of predictions.
+        return self.conv_out(nn.silu(self.conv_norm_out(h))).astype(jnp.float32)
 
     def __call__(self, sample: Array, timesteps: Array, context: Array) -> Array:
         h, skips, temb = self.encode(sample, timesteps, context)

@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from st2v_jax.models.execution import DEFAULT_EXECUTION, ExecutionOptions
 from st2v_jax.models.layers import (
     Array,
     GroupNorm,
@@ -140,11 +141,12 @@ class _ResBlock(nn.Module):
     added after its first conv, then a `TemporalConvBlock_v2` along frames."""
 
     features: int
+    execution: ExecutionOptions = DEFAULT_EXECUTION
 
     @nn.compact
     def __call__(self, x: Array, temb: Array) -> Array:
-        x = ResnetBlock(self.features, NUM_GROUPS, name="resnet")(x, temb)
-        return TemporalConvBlock(NUM_GROUPS, name="temporal_conv")(x)
+        x = ResnetBlock(self.features, NUM_GROUPS, execution=self.execution, name="resnet")(x, temb)
+        return TemporalConvBlock(NUM_GROUPS, execution=self.execution, name="temporal_conv")(x)
 
 
 class _Level(nn.Module):
@@ -156,19 +158,21 @@ class _Level(nn.Module):
     num_layers: int
     with_attention: bool
     resample: str | None  # "down", "up" or None
+    execution: ExecutionOptions = DEFAULT_EXECUTION
 
     def setup(self) -> None:
-        cfg, c = self.config, self.features
-        self.resnets = [_ResBlock(c) for _ in range(self.num_layers)]
+        cfg, c, ex = self.config, self.features, self.execution
+        n = self.num_layers
+        self.resnets = [ex.block(_ResBlock)(c, execution=ex) for _ in range(n)]
         if self.with_attention:
             heads = c // cfg.head_dim
-            self.attentions = [SpatialTransformer(heads, cfg.head_dim, NUM_GROUPS) for _ in range(self.num_layers)]
-            self.temp_attentions = [TemporalTransformer(heads, cfg.head_dim, NUM_GROUPS) for _ in range(self.num_layers)]
+            self.attentions = [ex.block(SpatialTransformer)(heads, cfg.head_dim, NUM_GROUPS, execution=ex) for _ in range(n)]
+            self.temp_attentions = [ex.block(TemporalTransformer)(heads, cfg.head_dim, NUM_GROUPS, execution=ex) for _ in range(n)]
         if self.resample == "down":
             # PyTorch padding=(2, 1): two zero rows above and below, one column left and right.
-            self.downsample = conv(c, (3, 3), strides=2, padding=(2, 1))
+            self.downsample = conv(c, (3, 3), strides=2, padding=(2, 1), dtype=ex.dtype)
         elif self.resample == "up":
-            self.upsample = conv(c, (3, 3), padding=1)
+            self.upsample = conv(c, (3, 3), padding=1, dtype=ex.dtype)
 
     def _layer(self, i: int, x: Array, temb: Array, context: Array) -> Array:
         x = self.resnets[i](x, temb)
@@ -198,30 +202,31 @@ class _Level(nn.Module):
 
 class Vid2VidUNet(nn.Module):
     """v-predictor. Call with latents (B, F, H, W, in_dim), timesteps () or (B,) and text
-    context (B, L, D); returns (B, F, H, W, out_dim). See `check_latent_size` for H and W."""
+    context (B, L, D); returns (B, F, H, W, out_dim) in float32. See `check_latent_size` for H and W."""
 
     config: Vid2VidUNetConfig
+    execution: ExecutionOptions = DEFAULT_EXECUTION
 
     def setup(self) -> None:
-        cfg = self.config
+        cfg, ex = self.config, self.execution
         widths, last = cfg.widths, cfg.num_levels - 1
-        self.time_embedding = TimestepMLP(cfg.embed_dim)
-        self.conv_in = conv(cfg.dim, (3, 3), padding=1)
-        self.transformer_in = TemporalTransformer(cfg.num_heads, cfg.head_dim, NUM_GROUPS)
+        self.time_embedding = TimestepMLP(cfg.embed_dim, execution=ex)
+        self.conv_in = conv(cfg.dim, (3, 3), padding=1, dtype=ex.dtype)
+        self.transformer_in = ex.block(TemporalTransformer)(cfg.num_heads, cfg.head_dim, NUM_GROUPS, execution=ex)
         self.down_blocks = [
-            _Level(cfg, widths[i], cfg.num_res_blocks, cfg.has_attention(i), None if i == last else "down")
+            _Level(cfg, widths[i], cfg.num_res_blocks, cfg.has_attention(i), None if i == last else "down", execution=ex)
             for i in range(cfg.num_levels)
         ]
         c = widths[-1]
-        self.mid_resnets = [_ResBlock(c), _ResBlock(c)]
-        self.mid_attention = SpatialTransformer(c // cfg.head_dim, cfg.head_dim, NUM_GROUPS)
-        self.mid_temp_attention = TemporalTransformer(c // cfg.head_dim, cfg.head_dim, NUM_GROUPS)
+        self.mid_resnets = [ex.block(_ResBlock)(c, execution=ex) for _ in range(2)]
+        self.mid_attention = ex.block(SpatialTransformer)(c // cfg.head_dim, cfg.head_dim, NUM_GROUPS, execution=ex)
+        self.mid_temp_attention = ex.block(TemporalTransformer)(c // cfg.head_dim, cfg.head_dim, NUM_GROUPS, execution=ex)
         self.up_blocks = [
-            _Level(cfg, widths[last - i], cfg.num_res_blocks + 1, cfg.has_attention(last - i), None if i == last else "up")
+            _Level(cfg, widths[last - i], cfg.num_res_blocks + 1, cfg.has_attention(last - i), None if i == last else "up", execution=ex)
             for i in range(cfg.num_levels)
         ]
         self.conv_norm_out = GroupNorm(NUM_GROUPS)
-        self.conv_out = conv(cfg.out_dim, (3, 3), padding=1)
+        self.conv_out = conv(cfg.out_dim, (3, 3), padding=1, dtype=ex.dtype)
 
     def __call__(self, sample: Array, timesteps: Array, context: Array) -> Array:
         if sample.ndim != 5 or sample.shape[-1] != self.config.in_dim:
@@ -243,5 +248,6 @@ class Vid2VidUNet(nn.Module):
             n = block.num_layers
             block_skips, skips = skips[-n:][::-1], skips[:-n]
             h = block.up(h, block_skips, temb, context)
-        return self.conv_out(nn.silu(self.conv_norm_out(h)))
+        # float32 out: guidance and the solvers work on differences of predictions.
+        return self.conv_out(nn.silu(self.conv_norm_out(h))).astype(jnp.float32)
 

@@ -40,6 +40,10 @@ def default_config() -> ml_collections.ConfigDict:
     # Device mesh and logical axis rules (see st2v_jax.parallel): the batch is split over
     # data x fsdp, parameters and optimizer state over fsdp (input features) and tensor.
     c.sharding = ml_collections.ConfigDict({"mesh": "data=-1,fsdp=1,tensor=1", "rules": DEFAULT_RULES})
+    # How the models run (st2v_jax.models.execution): attention xla | cudnn (GPU, bfloat16) |
+    # splash (TPU, one device); compute_dtype float32 | bfloat16 (params, gradients and
+    # optimizer state stay float32); remat none | blocks | dots_saveable (memory for compute).
+    c.execution = ml_collections.ConfigDict({"attention": "xla", "compute_dtype": "float32", "remat": "none"})
     c.trainable = list(OFFICIAL_TRAINABLE)
     c.frozen = list(OFFICIAL_FROZEN)
     c.vae = ml_collections.ConfigDict({"frames_per_clip": 4, "kl_weight": 1e-6})

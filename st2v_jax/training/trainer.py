@@ -31,7 +31,8 @@ from st2v_jax.convert.components import PretrainedModel
 from st2v_jax.data.pipeline import TrainingBatches, prepare, to_global_arrays
 from st2v_jax.diffusion.schedules import NoiseSchedule
 from st2v_jax.generation.run_state import describe_differences
-from st2v_jax.parallel import MeshSpecError, axis_sizes, batch_spec, make_mesh, named_shardings, parse_mesh_spec, partition_specs
+from st2v_jax.models.execution import ExecutionOptions, ExecutionOptionsError
+from st2v_jax.parallel import MeshSpecError, axis_sizes, batch_spec, make_mesh, named_shardings, parse_mesh_spec, partition_specs, place_on_mesh
 from st2v_jax.pretrained import load_pretrained
 from st2v_jax.tokenizer import load_tokenizer, tokenize
 from st2v_jax.training.checkpoints import TrainCheckpoints
@@ -47,7 +48,12 @@ from st2v_jax.training.trainable import ParamPartition, overlay_params
 
 STAGES = ("vae", "clip") + DENOISING_STAGES
 # Keys that may change between a run and its resumption without changing what it computes.
-_RESUMABLE_CHANGES = ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "async_checkpoints", "sharding.mesh", "sharding.rules")
+# A run may also resume on another kind of machine: the attention kernel and remat change
+# how, not what, it computes.
+_RESUMABLE_CHANGES = (
+    "steps", "log_every", "checkpoint_every", "keep_checkpoints", "async_checkpoints", "sharding.mesh", "sharding.rules",
+    "execution.attention", "execution.remat",
+)
 
 
 @dataclasses.dataclass
@@ -75,6 +81,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             )
     except MeshSpecError as error:
         problems.append(f"sharding.mesh: {error}")
+    try:
+        ExecutionOptions(**config.execution).check_platform(devices=jax.device_count())
+    except ExecutionOptionsError as error:
+        problems.append(f"execution: {error}")
     if config.steps < 1:
         problems.append(f"steps must be >= 1, got {config.steps}")
     if not 0.0 <= config.ema_decay < 1.0:
@@ -140,7 +150,7 @@ def train(
     if model.tokenizer_dir() is None:
         raise ValueError(f"{config.model.init} has no tokenizer/ folder; training tokenizes the captions with it")
     params = initialise_streaming_base(model.params) if config.model.streaming_base_from_unet else model.params
-    model = dataclasses.replace(model, params=params)
+    model = dataclasses.replace(model, params=params, execution=ExecutionOptions(**config.execution))
     tokenizer = load_tokenizer(model.tokenizer_dir())
     max_length = model.config("text_encoder").max_position_embeddings
     encode_captions = lambda captions: tokenize(tokenizer, captions, max_length)[0]
@@ -161,8 +171,8 @@ def train(
     frozen_shardings = named_shardings(mesh, partition_specs(boxed_frozen, sizes, rules))
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_sharding = NamedSharding(mesh, batch_spec(config.batch_size, sizes, rules))
-    frozen = jax.device_put(frozen, frozen_shardings)
-    trainable = jax.device_put(trainable, state_shardings.params)
+    frozen = place_on_mesh(frozen, frozen_shardings)
+    trainable = place_on_mesh(trainable, state_shardings.params)
     state = jax.jit(lambda p: init_train_state(p, optimizer, config.ema_decay > 0), out_shardings=state_shardings)(trainable)
     step_fn = jax.jit(
         make_train_step(objective, optimizer, learning_rate, config.seed, config.accumulation_steps, config.ema_decay),

@@ -1,8 +1,9 @@
-"""Sharded sampling and training on 8 devices agree with one device, and the parameters are
-really spread. Needs 8 devices: `tests/test_multi_device.py` runs this file with
+"""Sharded sampling, refinement and training on 8 devices agree with one device, and the
+parameters are really spread. Needs 8 devices: `tests/test_multi_device.py` runs this file with
 XLA_FLAGS=--xla_force_host_platform_device_count=8 (8 fake CPU devices)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -66,6 +67,49 @@ def test_sharded_sampling_matches_one_device(tiny_model_dir):
         error = np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max()
         print(f"{name}: max abs error {error:.2e}")
         assert error <= (1 if a.dtype == jnp.uint8 else TOLERANCE)
+
+
+def _vid2vid_refiner(tmp_path):
+    from st2v_jax.convert.components import random_pretrained
+    from st2v_jax.generation.vid2vid_refiner import Vid2VidRefiner
+    from st2v_jax.tokenizer import load_tokenizer, write_byte_level_tokenizer
+
+    model = random_pretrained({
+        "vid2vid_unet": dict(dim=32, dim_mult=[1, 2], num_heads=2, head_dim=16, num_res_blocks=1, attn_scales=[1], context_dim=64),
+        "vae": dict(block_out_channels=[32, 32], down_block_types=["DownEncoderBlock2D"] * 2,
+                    up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=32, layers_per_block=1),
+        "text_encoder": dict(vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                             max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5, eos_token_id=2),
+    })
+    # The UNet's zero-initialised output conv would make every prediction 0.
+    noise = jax.tree.map(lambda p: 0.05 * np.random.default_rng(p.size).standard_normal(p.shape, np.float32), model.params)
+    model = dataclasses.replace(model, params=jax.tree.map(np.add, model.params, noise))
+    return Vid2VidRefiner(model, load_tokenizer(write_byte_level_tokenizer(tmp_path / "tokenizer")))
+
+
+@pytest.mark.parametrize("kind", ["text-to-video", "ms-vid2vid"])
+def test_sharded_refinement_matches_one_device(kind, tiny_model_dir, tmp_path):
+    from st2v_jax.generation.long_video import Refiner
+    from st2v_jax.generation.refiner import RefinerConfig
+    from st2v_jax.generation.vid2vid_refiner import Vid2VidRefinerConfig
+
+    frames = np.random.default_rng(5).integers(0, 256, (12, 16, 16, 3), dtype=np.uint8)
+    # 4 chunks, 2 per call: each UNet call's batch of 2 chunks x 2 guidance branches spans data x fsdp.
+    if kind == "text-to-video":
+        load = lambda: Refiner.from_pretrained(tiny_model_dir)
+        config = RefinerConfig(chunk=6, overlap=3, num_inference_steps=4, chunks_per_batch=2, height=32, width=32)
+        refine = lambda refiner: refiner.refine(frames, "a red circle", "", config, 7.5, seed=0)
+    else:
+        load = lambda: _vid2vid_refiner(tmp_path)
+        config = Vid2VidRefinerConfig(chunk=6, overlap=3, num_steps=2, chunks_per_batch=2, canvas_height=16, canvas_width=24)
+        refine = lambda refiner: refiner.refine(frames, "a red circle", "", config, seed=0)
+    expected = refine(load())
+    sharded = load().shard(make_mesh(MESH))
+    assert sum(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(sharded.model.params)) > 10
+    got = refine(sharded)
+    error = np.abs(expected.astype(np.int16) - got).max()
+    print(f"{kind} refiner: max abs error {error} (uint8) over {got.shape}")
+    assert got.shape == expected.shape and error <= 1
 
 
 def test_sharded_train_step_matches_one_device(tiny_model_dir, tmp_path):
