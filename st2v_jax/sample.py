@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 import st2v_jax
+from st2v_jax.cpu_kernels import prefer_eigen_kernels
 from st2v_jax.generation.long_video import StoryboardEntry
 from st2v_jax.models.execution import ATTENTION_BACKENDS, COMPUTE_DTYPES, ExecutionOptions, ExecutionOptionsError
 from st2v_jax.tokenizer import PromptTooLongWarning
@@ -263,6 +264,7 @@ def preview_path(out: pathlib.Path) -> pathlib.Path:
 
 
 def run(argv: Optional[Sequence[str]] = None) -> pathlib.Path:
+    prefer_eigen_kernels()
     args = _parser().parse_args(argv)
     # --- cheap checks, before any model is loaded
     try:

@@ -12,10 +12,13 @@ from typing import Optional, Sequence
 from absl import flags
 from ml_collections import config_flags
 
+from st2v_jax.cpu_kernels import prefer_eigen_kernels
+
 USAGE = "usage: python -m st2v_jax.train --config configs/FILE.py --workdir DIR [--config.KEY=VALUE ...] [--until_step N] [--distributed]"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    prefer_eigen_kernels()
     argv = list(argv) if argv is not None else list(sys.argv)
     # Fresh flags per call: ml_collections finds the --config.KEY overrides in the argv it is given.
     flag_values = flags.FlagValues()

@@ -7,10 +7,13 @@ import pathlib
 import jax
 import pytest
 
+from st2v_jax.cpu_kernels import prefer_eigen_kernels
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config):
+    prefer_eigen_kernels()  # the kernels the command-line tools run
     cache = pathlib.Path(config.rootpath) / ".pytest_jax_cache"
     jax.config.update("jax_compilation_cache_dir", str(cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

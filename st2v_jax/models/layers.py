@@ -138,10 +138,25 @@ def dot_product_attention(
     splash = execution.attention == "splash" and long_sequence and not is_causal
     if splash and lq == k.shape[1] >= pallas_attention.MIN_TOKENS:
         out = pallas_attention.splash_attention(q, k, v, interpret=execution.pallas_interpret)
+    elif execution.attention == "cudnn":
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation="cudnn")
     else:
-        implementation = "cudnn" if execution.attention == "cudnn" else "xla"
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation=implementation)
+        out = _softmax_attention(q, k, v, is_causal)
     return out.reshape(n, lq, width)
+
+
+def _softmax_attention(q: Array, k: Array, v: Array, is_causal: bool) -> Array:
+    """q (N, Lq, heads, d), k/v (N, Lk, heads, d) -> (N, Lq, heads, d), scores and softmax in
+    float32. The softmax's division comes after the product with v: it scales the (Lq, d)
+    output instead of the (Lq, Lk) weights, which saves a pass over the largest tensor."""
+    scores = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    if is_causal:
+        lq, lk = q.shape[1], k.shape[1]
+        scores = jnp.where(jnp.tril(jnp.ones((lq, lk), bool), lk - lq), scores, -jnp.inf)
+    weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
+    totals = weights.sum(axis=-1)
+    out = jnp.einsum("nhqk,nkhd->nqhd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out / jnp.swapaxes(totals, 1, 2)[..., None]).astype(q.dtype)
 
 
 class Attention(nn.Module):
