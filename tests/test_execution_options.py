@@ -303,6 +303,22 @@ def test_splash_attention_matches_xla_with_gradients(length):
     assert out_error < 1e-5 and grad_error < 1e-5
 
 
+@pytest.mark.parametrize("causal, lq, lk", [(False, 24, 40), (True, 24, 24), (True, 24, 40)], ids=["cross", "causal", "causal-rectangular"])
+def test_xla_attention_matches_jax_nn_with_gradients(causal, lq, lk):
+    """The default kernel (softmax normalised after the product with v) against
+    jax.nn.dot_product_attention, outputs and gradients, masks included."""
+    q = jax.random.normal(jax.random.key(0), (2, lq, 32))
+    k, v = (jax.random.normal(jax.random.key(i), (2, lk, 32)) for i in (1, 2))
+    ours = lambda q, k, v: layers.dot_product_attention(q, k, v, 2, is_causal=causal)
+    split = lambda t: t.reshape(*t.shape[:2], 2, 16)
+    reference = lambda q, k, v: jax.nn.dot_product_attention(split(q), split(k), split(v), is_causal=causal).reshape(q.shape)
+    out_error = float(jnp.abs(ours(q, k, v) - reference(q, k, v)).max())
+    loss = lambda attend: jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(attend(q, k, v))), argnums=(0, 1, 2)))
+    grad_error = max(float(jnp.abs(a - b).max()) for a, b in zip(loss(ours)(q, k, v), loss(reference)(q, k, v)))
+    print(f"attention vs jax.nn ({causal=}, {lq}x{lk}): output {out_error:.1e}, gradients {grad_error:.1e}")
+    assert out_error < 1e-5 and grad_error < 1e-5
+
+
 def test_splash_runs_only_for_long_spatial_self_attention():
     x = jax.random.normal(jax.random.key(0), (1, 192, 32))
     short = x[:, :64]

@@ -150,9 +150,8 @@ def _softmax_attention(q: Array, k: Array, v: Array, is_causal: bool) -> Array:
     float32. The softmax's division comes after the product with v: it scales the (Lq, d)
     output instead of the (Lq, Lk) weights, which saves a pass over the largest tensor."""
     scores = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
-    if is_causal:
-        lq, lk = q.shape[1], k.shape[1]
-        scores = jnp.where(jnp.tril(jnp.ones((lq, lk), bool), lk - lq), scores, -jnp.inf)
+    if is_causal:  # top-left aligned, as torch's and jax.nn's is_causal
+        scores = jnp.where(jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool)), scores, -jnp.inf)
     weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
     totals = weights.sum(axis=-1)
     out = jnp.einsum("nhqk,nkhd->nqhd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
