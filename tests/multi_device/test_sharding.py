@@ -128,10 +128,16 @@ def test_sharded_train_step_matches_one_device(tiny_model_dir, tmp_path):
     losses = [[json.loads(row)["loss"] for row in (run / "metrics.jsonl").read_text().splitlines()] for run in (tmp_path / "one", tmp_path / "eight")]
     print(f"losses on one device {losses[0]}, on {MESH} {losses[1]}")
     np.testing.assert_allclose(losses[1], losses[0], rtol=TOLERANCE)
-    trained = [load_pretrained(result.model_dir).params["streaming"] for result in (one, eight)]
-    error = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), *trained)))
-    print(f"trained streaming params: max abs difference {error:.2e}")
-    assert error <= TOLERANCE
+    # Whole-update comparison, not per parameter: Adam scales every update to about the
+    # learning rate, so a parameter whose true gradient is zero (a bias right before a
+    # one-channel-per-group GroupNorm) moves by +-lr on rounding noise alone, differently
+    # on any two device layouts. A sharding bug changes the update as a whole.
+    start = load_pretrained(tiny_model_dir).params["streaming"]
+    updates = [jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), load_pretrained(r.model_dir).params["streaming"], start) for r in (one, eight)]
+    norm = lambda tree: float(np.sqrt(sum(np.sum(np.square(leaf)) for leaf in jax.tree.leaves(tree))))
+    error = norm(jax.tree.map(np.subtract, *updates)) / norm(updates[0])
+    print(f"trained streaming params: relative error of the update {error:.2e} (update norm {norm(updates[0]):.3f})")
+    assert error <= 1e-2
 
 
 def test_sample_cli_streams_a_video_from_a_sharded_model(tiny_model_dir, tmp_path):
