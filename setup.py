@@ -18,7 +18,11 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["st2v_jax", "st2v_jax.*"]),
     include_package_data=True,
-    package_data={"st2v_jax.metrics": ["paper_prompts.txt"]},
+    package_data={
+        "st2v_jax.metrics": ["paper_prompts.txt"],
+        # The embedded default model (st2v_jax/embedded.py): weights, configs, tokenizer.
+        "st2v_jax": ["assets/st2v-shapes-tiny/**/*"],
+    },
     install_requires=[
         "jax>=0.6",
         "flax>=0.10",

@@ -1,6 +1,6 @@
 """`python -m st2v_jax.evaluate_shapes`: the shapes-domain evaluation of a model (st2v-shapes-tiny).
 
-  python -m st2v_jax.evaluate_shapes --model-dir outputs/shapes/streaming/model --out shapes_eval.md
+  python -m st2v_jax.evaluate_shapes --out shapes_eval.md   # the embedded model; --model-dir DIR for another
 
 Generates a video for each evaluation prompt (default: the 54 of
 `shapes.evaluation_prompts()`, combinations never seen in training) in each variant (the
@@ -28,6 +28,7 @@ import tqdm
 
 from st2v_jax.atomic import atomic_write_text
 from st2v_jax.data import shapes
+from st2v_jax.embedded import EMBEDDED_MODEL_DIR
 from st2v_jax.generation.pipeline import ModelLayoutError, StreamingT2VPipeline, streaming_chunks
 from st2v_jax.generation.sampler import SamplingSettings
 from st2v_jax.metrics import shapes_eval
@@ -41,7 +42,9 @@ class UsageError(ValueError):
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m st2v_jax.evaluate_shapes", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", required=True, help="a converted st2v_jax model folder of the shapes domain")
+    p.add_argument(
+        "--model-dir", default=str(EMBEDDED_MODEL_DIR), help="a converted st2v_jax model folder of the shapes domain (default: the embedded st2v-shapes-tiny)"
+    )
     count = len(shapes.evaluation_prompts())
     p.add_argument("--prompts", type=int, default=count, help=f"evaluate the first N of the {count} evaluation prompts (default: all)")
     p.add_argument("--frames", type=int, default=240, help="frames per video: 16 + 8*n (default 240)")

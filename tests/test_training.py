@@ -260,3 +260,52 @@ def test_vae_and_clip_stages_learn_on_a_fixed_batch(tiny_model_dir):
     frames = jnp.asarray(video.reshape(-1, 32, 32, 3), jnp.float32) / 127.5 - 1.0
     mean, _ = model.module("vae").apply({"params": model.params["vae"]}, frames, method="encode")
     np.testing.assert_allclose(latent_scaling_factor(model.module("vae"), model.params["vae"], frames), 1.0 / float(jnp.std(mean)), rtol=1e-5)
+
+
+def test_base_stage_pretrains_on_single_frames(tiny_model_dir):
+    """base_frames=1: the UNet3D learns from one frame per caption (text-to-image
+    pretraining), the same objective on (B, 1, H, W, 3) clips; only stage "base" takes it."""
+    from st2v_jax.diffusion.schedules import NoiseSchedule
+    from st2v_jax.training.config import default_config
+    from st2v_jax.training.objective import ConditionDropout, DenoisingObjective
+    from st2v_jax.training.trainer import check_config
+
+    model = load_pretrained(tiny_model_dir)
+    schedule = NoiseSchedule.from_diffusers(model.scheduler_config(), "DDIMScheduler")
+    null_ids = np.zeros(77, np.int32)
+    objective = DenoisingObjective.from_model(model, "base", schedule, null_ids, ConditionDropout(), base_frames=1)
+    assert objective.clip_frames == 1
+    video = np.zeros((8, 1, 32, 32, 3), np.uint8)
+    for i in range(8):
+        video[i, 0, 4 + 2 * i : 16 + 2 * i, 8:20] = (230, 40, 40) if i % 2 else (50, 90, 245)
+    batch = {"video": jnp.asarray(video), "input_ids": jnp.asarray(np.arange(8)[:, None] % 2 + np.zeros((8, 77), int), jnp.int32)}
+    params = {name: model.params[name] for name in objective.modules}
+    trainable, frozen = ParamPartition(("unet/.*",), ()).split(params)
+    optimizer = optax.adam(3e-3)
+    step = jax.jit(make_train_step(objective, optimizer, optax.constant_schedule(3e-3), seed=0))
+    state = init_train_state(trainable, optimizer, ema=False)
+    losses = []
+    for _ in range(10):
+        state, metrics = step(state, frozen, batch)
+        losses.append(float(metrics["loss"]))
+    assert np.isfinite(losses).all() and np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+    with pytest.raises(ValueError, match="16-frame clips"):
+        DenoisingObjective.from_model(model, "base", schedule, null_ids, ConditionDropout()).loss(model.params, batch, jax.random.key(0))
+    with pytest.raises(ValueError, match="only stage 'base'"):
+        DenoisingObjective.from_model(model, "streaming", schedule, null_ids, ConditionDropout(), base_frames=1)
+    config = default_config()  # stage "streaming"
+    config.model.init, config.base_frames = str(tiny_model_dir), 1
+    with pytest.raises(ValueError, match="only stage 'base'"):
+        check_config(config)
+
+
+def test_vae_foreground_weight_counts_the_shapes_not_the_background():
+    from st2v_jax.training.autoencoder_objective import pixel_weights
+
+    images = -np.ones((2, 8, 8, 3), np.float32)  # black frames in [-1, 1]
+    images[0, 2:4, 2:4] = (0.8, -0.7, -0.7)  # a red square: 0.8 - (-1) = 1.8 from black
+    weights = np.asarray(pixel_weights(jnp.asarray(images), 10.0))[..., 0]
+    np.testing.assert_allclose(weights[0, 2:4, 2:4], 1.0 + 10.0 * 1.8, rtol=1e-6)
+    np.testing.assert_allclose(weights[0, 5:, 5:], 1.0)
+    np.testing.assert_allclose(weights[1], 1.0)
+    np.testing.assert_allclose(np.asarray(pixel_weights(jnp.asarray(images), 0.0)), 1.0)

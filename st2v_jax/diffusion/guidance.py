@@ -8,6 +8,8 @@ conditioning frames,
 Paper (`anchor_scale` set): text and anchor guided separately, three branches,
     eps = eps(-, -) + anchor_scale * (eps(-, a) - eps(-, -)) + text_scale * (eps(t, a) - eps(-, a))
 where "-" is the negative prompt / grey anchor and "a" the real anchor.
+With every weight at 1 both forms reduce to eps(prompt, real anchor): one branch is run, not
+two or three, as diffusers skips guidance at scale 1.
 """
 from __future__ import annotations
 
@@ -26,7 +28,13 @@ class Guidance:
     anchor_scale: Optional[float] = None
 
     @property
+    def unguided(self) -> bool:
+        return self.text_scale == 1.0 and self.anchor_scale in (None, 1.0)
+
+    @property
     def num_branches(self) -> int:
+        if self.unguided:
+            return 1
         return 2 if self.anchor_scale is None else 3
 
 
@@ -37,6 +45,8 @@ def guidance_contexts(
 
     All inputs are (B, tokens, D); the branch order is that `combine_guidance` expects.
     """
+    if guidance.unguided:
+        return jnp.concatenate([text, anchor_tokens], axis=1)
     branches = [(negative_text, null_anchor_tokens)]
     if guidance.anchor_scale is not None:
         branches.append((negative_text, anchor_tokens))
@@ -46,6 +56,8 @@ def guidance_contexts(
 
 def combine_guidance(guidance: Guidance, eps: Array) -> Array:
     """eps of all branches stacked on the batch axis (as `guidance_contexts` ordered them) -> guided eps."""
+    if guidance.unguided:
+        return eps
     parts = jnp.split(eps, guidance.num_branches, axis=0)
     if guidance.anchor_scale is None:
         uncond, cond = parts

@@ -279,7 +279,10 @@ class TemporalTransformer(nn.Module):
         h = jnp.transpose(h, (0, 2, 3, 1, 4)).reshape(b, hh * ww, f, c)
         h = dense(inner, dtype=ex.dtype, name="proj_in")(h)
         h = TransformerBlock(self.heads, self.head_dim, cross_attention=False, execution=ex, name="transformer_blocks_0")(h)
-        h = dense(c, dtype=ex.dtype, name="proj_out")(h)
+        # Zero-initialised like ModelScope's TemporalTransformer (zero_module(proj_out)): a fresh
+        # temporal layer is the identity, so a UNet3D trained on single frames with its temporal
+        # layers frozen makes the same frames when it runs on 16.
+        h = dense(c, zero_init=True, dtype=ex.dtype, name="proj_out")(h)
         return x + jnp.transpose(h.reshape(b, hh, ww, f, c), (0, 3, 1, 2, 4))
 
 

@@ -44,9 +44,13 @@ def default_config() -> ml_collections.ConfigDict:
     # splash (TPU, one device); compute_dtype float32 | bfloat16 (params, gradients and
     # optimizer state stay float32); remat none | blocks | dots_saveable (memory for compute).
     c.execution = ml_collections.ConfigDict({"attention": "xla", "compute_dtype": "float32", "remat": "none"})
+    # Stage "base": frames per training clip; 0 is the model's chunk length, 1 trains the UNet3D
+    # on single frames (text-to-image pretraining: 16x the captions per step at equal cost).
+    c.base_frames = 0
     c.trainable = list(OFFICIAL_TRAINABLE)
     c.frozen = list(OFFICIAL_FROZEN)
-    c.vae = ml_collections.ConfigDict({"frames_per_clip": 4, "kl_weight": 1e-6})
+    # foreground_weight: see training/autoencoder_objective.py (0: plain L1 + L2).
+    c.vae = ml_collections.ConfigDict({"frames_per_clip": 4, "kl_weight": 1e-6, "foreground_weight": 0.0})
     c.clip = ml_collections.ConfigDict({"temperature": 0.07})
     c.dropout = ml_collections.ConfigDict({"uncond_probability": 0.1, "text_only": 0.05, "anchor_only": 0.05})
     # REFERENCE.md section 6: AdamW, lr 5e-5, no warm-up, clipping at 1.0, accumulation 8.

@@ -14,7 +14,7 @@ prompt's tokens; a dropped anchor is a mid-grey frame, exactly what sampling fee
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -61,19 +61,32 @@ class DenoisingObjective:
 
     @classmethod
     def from_model(
-        cls, model: PretrainedModel, stage: str, schedule: NoiseSchedule, null_input_ids: Any, dropout: ConditionDropout
+        cls,
+        model: PretrainedModel,
+        stage: str,
+        schedule: NoiseSchedule,
+        null_input_ids: Any,
+        dropout: ConditionDropout,
+        base_frames: Optional[int] = None,
     ) -> "DenoisingObjective":
+        """`base_frames` (stage "base" only): frames per training clip instead of the chunk
+        length; 1 trains the UNet3D on single frames, i.e. as a text-to-image model."""
         components = ("unet", "vae", "text_encoder") if stage == "base" else ("streaming", "vae", "text_encoder", "image_encoder")
         missing = [c for c in components if c not in model.params]
         if missing:
             raise ValueError(f"stage {stage!r} needs the components {list(components)}; the model lacks {missing}")
         streaming = model.config("streaming") if "streaming" in model.params else None
+        frames = streaming.num_frames if streaming else 16
+        if base_frames is not None:
+            if stage != "base" or base_frames < 1:
+                raise ValueError(f"base_frames={base_frames}: only stage 'base' takes it, and it must be at least 1")
+            frames = base_frames
         return cls(
             stage=stage,
             modules={c: model.module(c) for c in components},
             schedule=schedule,
             null_input_ids=jnp.asarray(null_input_ids, jnp.int32),
-            frames=streaming.num_frames if streaming else 16,
+            frames=frames,
             cam_frames=streaming.cam_frames if streaming else 0,
             image_size=model.config("image_encoder").image_size if "image_encoder" in components else 0,
             dropout=dropout,

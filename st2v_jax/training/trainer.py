@@ -87,6 +87,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         problems.append(f"execution: {error}")
     if config.steps < 1:
         problems.append(f"steps must be >= 1, got {config.steps}")
+    if config.base_frames and (config.stage != "base" or config.base_frames < 0):
+        problems.append(f"base_frames={config.base_frames}: only stage 'base' trains on clips of its own length (0: the chunk length)")
     if not 0.0 <= config.ema_decay < 1.0:
         problems.append(f"ema_decay must be in [0, 1), got {config.ema_decay}")
     if config.data.name == "video_folder" and not config.data.manual_dir:
@@ -98,7 +100,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def make_objective(config: ml_collections.ConfigDict, model: PretrainedModel, null_input_ids: np.ndarray) -> Any:
     """The objective of `config.stage`; it names the components it needs in `.modules`."""
     if config.stage == "vae":
-        return AutoencoderObjective({"vae": model.module("vae")}, frames_per_clip=config.vae.frames_per_clip, kl_weight=config.vae.kl_weight)
+        return AutoencoderObjective(
+            {"vae": model.module("vae")},
+            frames_per_clip=config.vae.frames_per_clip,
+            kl_weight=config.vae.kl_weight,
+            foreground_weight=config.vae.foreground_weight,
+        )
     if config.stage == "clip":
         if model.config("text_encoder").projection_dim is None:
             raise ValueError(
@@ -112,7 +119,9 @@ def make_objective(config: ml_collections.ConfigDict, model: PretrainedModel, nu
         )
     if config.stage in DENOISING_STAGES:
         schedule = NoiseSchedule.from_diffusers(model.scheduler_config(), "DDIMScheduler")
-        return DenoisingObjective.from_model(model, config.stage, schedule, null_input_ids, ConditionDropout(**config.dropout))
+        return DenoisingObjective.from_model(
+            model, config.stage, schedule, null_input_ids, ConditionDropout(**config.dropout), config.base_frames or None
+        )
     raise ValueError(f"stage={config.stage!r}; expected one of {STAGES}")
 
 
