@@ -50,6 +50,8 @@ class AutoencoderObjective:
 def pixel_weights(images: Array, foreground_weight: float) -> Array:
     """(N, H, W, 1) reconstruction weights of images (N, H, W, C) in [-1, 1]: 1 + foreground_weight
     x the pixel's distance from its frame's median colour."""
+    if foreground_weight == 0.0:  # plain L1 + L2: no median per image in every step
+        return jnp.ones((*images.shape[:-1], 1), images.dtype)
     background = jnp.median(images, axis=(1, 2), keepdims=True)
     distance = jnp.max(jnp.abs(images - background), axis=-1, keepdims=True)
     return 1.0 + foreground_weight * distance
