@@ -40,7 +40,8 @@ class AutoencoderObjective:
         latents = mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_posterior, mean.shape)
         reconstruction = vae.apply({"params": params["vae"]}, latents, method=AutoencoderKL.decode)
         error = reconstruction - images
-        weights = pixel_weights(images, self.foreground_weight)
+        # Broadcast over channels so that weights of 1 give exactly the plain means.
+        weights = jnp.broadcast_to(pixel_weights(images, self.foreground_weight), images.shape)
         weighted_mean = lambda x: jnp.sum(weights * x) / jnp.sum(weights)
         kl = 0.5 * jnp.mean(jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3)))
         loss = weighted_mean(jnp.abs(error)) + weighted_mean(jnp.square(error)) + self.kl_weight * kl
