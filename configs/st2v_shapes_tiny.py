@@ -66,6 +66,10 @@ def get_config() -> ml_collections.ConfigDict:
                 "embed_dim": WIDTH,
                 "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 16},
             },
+            # Overrides of ModelScope's scheduler config. v-prediction: an epsilon model's x0
+            # estimate at t = 999 is its error times 1 / sqrt(alpha_bar) = 15, and the high-noise
+            # steps are where the layout and colours of the first chunk are decided.
+            "scheduler": {"prediction_type": "v_prediction"},
             # Defaults of `python -m st2v_jax.sample` for this model (SamplingSettings fields).
             "sampling": {"steps": 10, "init_steps": 10, "guidance": 5.0, "init_guidance": 5.0, "eta": 0.0},
             "tokenizer_words": [

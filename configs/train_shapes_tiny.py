@@ -9,9 +9,10 @@ starts from the model folder the previous one exported:
     python -m st2v_jax.train --config configs/train_shapes_tiny.py:streaming --workdir outputs/shapes/streaming
 
 vae: the 8x autoencoder; clip: text encoder + APM image encoder, contrastively; images: the
-UNet3D on single frames (text-to-image pretraining, the text encoder frozen); base: the
-same UNet3D on 16-frame clips (motion); streaming: CAM + APM + the base's spatial layers
-(the official split), its base starting from the trained UNet3D.
+UNet3D's spatial layers on single frames (text-to-image pretraining, the text encoder
+frozen); base: its temporal layers on 16-frame clips (motion), the spatial layers frozen;
+streaming: CAM + APM + the base's spatial layers (the official split), its base starting
+from the trained UNet3D.
 
 The VAE weights each pixel's error by its distance from the background (foreground_weight):
 with plain L1 + L2 it had learnt the black background long before the shapes' colours.
@@ -21,17 +22,18 @@ import ml_collections
 from st2v_jax.training.config import default_config
 
 ROOT = "outputs/shapes"
+TEMPORAL_LAYERS = r"unet/(.*/)?(transformer_in|temp_convs_\d+|temp_attentions_\d+)/.*"
 STAGES = {
     # stage: (initial model, trainable patterns, steps, batch, learning rate, EMA decay)
-    # Seconds per step on a 2-core CPU: vae 1.3, clip 0.2, images 2.2, base 2.2, streaming 2.4.
+    # Seconds per step on a 2-core CPU: vae 1.3, clip 0.2, images 1.4, base 1.9, streaming 2.2.
     # Text-to-image pretraining (images) sees 128 captions per step where a batch of 16-frame
     # clips of the same cost sees 8: 4500 steps of video-only base training had left the
     # first chunks unfaithful to held-out prompts (1 of 16).
     "vae": (f"{ROOT}/init", ["vae/.*"], 1000, 8, 1e-3, 0.0),
     "clip": (f"{ROOT}/vae/model", ["text_encoder/.*", "image_encoder/.*"], 400, 64, 1e-3, 0.0),
-    "images": (f"{ROOT}/clip/model", ["unet/.*"], 700, 128, 1e-3, 0.995),
-    "base": (f"{ROOT}/images/model", ["unet/.*"], 150, 8, 3e-4, 0.98),
-    "streaming": (f"{ROOT}/base/model", None, 350, 8, 5e-4, 0.99),
+    "images": (f"{ROOT}/clip/model", ["unet/.*"], 3100, 128, 1e-3, 0.995),
+    "base": (f"{ROOT}/images/model", [TEMPORAL_LAYERS], 300, 8, 5e-4, 0.99),
+    "streaming": (f"{ROOT}/base/model", None, 500, 8, 5e-4, 0.99),
 }
 # Recipe stages that run a trainer stage under another name, the frames of their clips, and
 # what they keep frozen. On single frames the temporal layers must not train: a temporal
@@ -39,7 +41,7 @@ STAGES = {
 # convolution would learn to pass on what its random outer taps add once there are 16 frames.
 TRAINER_STAGE = {"images": "base"}
 BASE_FRAMES = {"images": 1}
-FROZEN = {"images": [r"unet/(.*/)?(transformer_in|temp_convs_\d+|temp_attentions_\d+)/.*"]}
+FROZEN = {"images": [TEMPORAL_LAYERS]}
 
 
 def get_config(stage: str = "streaming") -> ml_collections.ConfigDict:

@@ -20,7 +20,7 @@ import ml_collections
 
 from st2v_jax.checkpoint import save_converted
 from st2v_jax.config_files import load_config_file
-from st2v_jax.convert.components import SAMPLING_DEFAULTS_FILE
+from st2v_jax.convert.components import SAMPLING_DEFAULTS_FILE, modelscope_scheduler_config
 from st2v_jax.pretrained import load_pretrained
 
 EMBEDDED_MODEL_DIR = pathlib.Path(__file__).resolve().parent / "assets" / "st2v-shapes-tiny"
@@ -32,9 +32,17 @@ def folder_bytes(directory: pathlib.Path) -> int:
 
 
 def package_model(model_dir: str | pathlib.Path, config_path: str | pathlib.Path, out: pathlib.Path = EMBEDDED_MODEL_DIR) -> int:
-    """Writes the packaged model to `out`; returns its size in bytes (refused above 25 MB)."""
+    """Writes the packaged model to `out`; returns its size in bytes (refused above 25 MB, or
+    when the model was not trained with the config's scheduler)."""
+    config = ml_collections.ConfigDict(load_config_file(config_path)).to_dict()
     model = load_pretrained(model_dir)
-    sampling = ml_collections.ConfigDict(load_config_file(config_path)).to_dict().get("sampling")
+    expected = modelscope_scheduler_config(config.get("scheduler"))
+    if model.scheduler_config() != expected:
+        raise ValueError(
+            f"{model_dir} was trained with the scheduler {model.scheduler_config()}, but {config_path} describes {expected}: "
+            "package the model its own config describes"
+        )
+    sampling = config.get("sampling")
     with tempfile.TemporaryDirectory() as scratch:
         if sampling:
             path = pathlib.Path(scratch) / SAMPLING_DEFAULTS_FILE

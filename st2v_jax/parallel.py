@@ -238,7 +238,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from st2v_jax.config_files import load_config_file
 
     configs = load_config_file(args.config).to_dict()
-    for extra in ("tokenizer_words", "sampling"):
+    for extra in ("tokenizer_words", "sampling", "scheduler"):
         configs.pop(extra, None)
     fixed = [int(p.partition("=")[2]) for p in args.mesh.split(",") if "=" in p and p.partition("=")[2].strip() != "-1"]
     try:

@@ -16,11 +16,14 @@ from open_clip_oracle import open_clip_transformer  # noqa: E402
 from tiny_pipeline import make_tiny_text_to_video  # noqa: E402
 
 from st2v_jax.convert.__main__ import main as convert_cli  # noqa: E402
+from st2v_jax.convert.components import modelscope_scheduler_config  # noqa: E402
 from st2v_jax.convert.mapping import ConversionError  # noqa: E402
+from st2v_jax.convert.official_configs import MS_1_7B_SCHEDULER  # noqa: E402
 from st2v_jax.convert.readers import open_weight_file  # noqa: E402
 from st2v_jax.convert.sources import from_diffusers_dir, from_official_checkpoint  # noqa: E402
 from st2v_jax.pretrained import load_pretrained  # noqa: E402
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURE = FIXTURES / "official_tiny_a"
 needs_fixture = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"official fixture set not found at {FIXTURE}")
 
@@ -149,3 +152,29 @@ def test_official_checkpoint_mismatches_are_refused(tmp_path, tiny_t2v):
     torch.save({"state_dict": {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}}, partial)
     with pytest.raises(ConversionError, match="missing parameters:\n  mid_merger/proj_out/kernel"):
         from_official_checkpoint(partial, configs)
+
+
+def test_random_model_takes_scheduler_overrides_from_its_config(tmp_path):
+    config = tmp_path / "v_prediction.py"
+    config.write_text(
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('tiny', {str(REPO / 'configs' / 'tiny_random.py')!r})\n"
+        "tiny = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(tiny)\n"
+        "def get_config():\n"
+        "    c = tiny.get_config()\n"
+        "    c.scheduler = {'prediction_type': 'v_prediction'}\n"
+        "    return c\n"
+    )
+    out = tmp_path / "tiny-v"
+    assert convert_cli(["random", "--config", str(config), "--out", str(out)]) == 0
+    scheduler = load_pretrained(out).scheduler_config()
+    assert scheduler == {**MS_1_7B_SCHEDULER, "prediction_type": "v_prediction"}
+
+
+def test_bad_scheduler_overrides_are_refused_by_name():
+    assert modelscope_scheduler_config() == MS_1_7B_SCHEDULER
+    with pytest.raises(ValueError, match=r"\['beta_stop'\] are not keys of the scheduler config"):
+        modelscope_scheduler_config({"beta_stop": 0.02})
+    with pytest.raises(ValueError, match="prediction_type"):
+        modelscope_scheduler_config({"prediction_type": "x0"})

@@ -11,6 +11,7 @@ from PIL import Image
 
 from st2v_jax import embedded, sample
 from st2v_jax.config_files import load_config_file
+from st2v_jax.convert.components import modelscope_scheduler_config
 from st2v_jax.generation.video_writer import count_playable_frames, sidecar_path_for
 from st2v_jax.pretrained import load_pretrained
 
@@ -27,6 +28,7 @@ def test_the_package_ships_the_model_within_the_size_limit():
     assert model.tokenizer_dir() is not None
     recipe = load_config_file(REPO / "configs" / "st2v_shapes_tiny.py")
     assert model.sampling_defaults() == dict(recipe["sampling"])
+    assert model.scheduler_config() == modelscope_scheduler_config(dict(recipe["scheduler"]))
 
 
 def test_readme_main_command_samples_with_the_embedded_model():

@@ -3,6 +3,7 @@ trainer's loss curve, exact resumption after a SIGTERM, checkpoint errors, Tenso
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import pathlib
@@ -85,6 +86,24 @@ def test_official_split_freezes_exactly_the_base_temporal_layers(tiny_model_dir)
     assert jax.tree.structure(merged) == jax.tree.structure(params)
     with pytest.raises(ValueError, match="no parameter matches"):
         ParamPartition(("nothing/.*",), ()).split(params)
+
+
+def test_shapes_recipe_trains_the_spatial_layers_on_images_then_the_temporal_layers_on_clips(tiny_model_dir):
+    spec = importlib.util.spec_from_file_location("train_shapes_tiny", REPO / "configs" / "train_shapes_tiny.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    unet = {"unet": load_pretrained(tiny_model_dir).params["unet"]}
+    temporal = ("transformer_in", "temp_convs", "temp_attentions")
+    trained = {}
+    for stage in ("images", "base"):
+        config = recipe.get_config(stage)
+        trainable, _ = ParamPartition(tuple(config.trainable), tuple(config.frozen)).split(unet)
+        trained[stage] = {"/".join(p.key for p in path) for path, _ in jax.tree_util.tree_flatten_with_path(trainable)[0]}
+    assert recipe.get_config("images").base_frames == 1
+    assert not any(t in path for path in trained["images"] for t in temporal)
+    assert all(any(t in path for t in temporal) for path in trained["base"])
+    every = {"/".join(p.key for p in path) for path, _ in jax.tree_util.tree_flatten_with_path(unet)[0]}
+    assert trained["images"] | trained["base"] == every and not trained["images"] & trained["base"]
 
 
 def test_streaming_base_starts_from_the_unet(tiny_model_dir):

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 from st2v_jax.checkpoint import save_converted
 from st2v_jax.config_files import load_config_file
-from st2v_jax.convert.components import SAMPLING_DEFAULTS_FILE, random_pretrained
+from st2v_jax.convert.components import SAMPLING_DEFAULTS_FILE, modelscope_scheduler_config, random_pretrained
 from st2v_jax.convert.official_configs import MS_1_7B_SCHEDULER
 from st2v_jax.convert.sources import from_diffusers_dir, from_official_checkpoint
 from st2v_jax.tokenizer import word_merges, write_byte_level_tokenizer
@@ -30,11 +30,13 @@ def _streaming_configs(path: Optional[str]) -> Optional[dict]:
     return {"streaming": config}
 
 
-def _default_files(scratch: pathlib.Path, words: Sequence[str] = (), sampling: Optional[dict] = None) -> dict[str, pathlib.Path]:
-    """A byte-level tokenizer (`words` as single tokens), ModelScope's scheduler config and
-    the config's sampling defaults, if any, for a random model."""
+def _default_files(
+    scratch: pathlib.Path, words: Sequence[str] = (), sampling: Optional[dict] = None, scheduler: dict = MS_1_7B_SCHEDULER
+) -> dict[str, pathlib.Path]:
+    """A byte-level tokenizer (`words` as single tokens), the scheduler config and the
+    config's sampling defaults, if any, for a random model."""
     tokenizer = write_byte_level_tokenizer(scratch / "tokenizer", word_merges(words))
-    (scratch / "scheduler_config.json").write_text(json.dumps(MS_1_7B_SCHEDULER))
+    (scratch / "scheduler_config.json").write_text(json.dumps(scheduler))
     files = {f"tokenizer/{p.name}": p for p in tokenizer.iterdir()}
     files["scheduler/scheduler_config.json"] = scratch / "scheduler_config.json"
     if sampling:
@@ -76,8 +78,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             configs = load_config_file(args.config).to_dict()
             words, sampling = configs.pop("tokenizer_words", ()), configs.pop("sampling", None)
+            scheduler = modelscope_scheduler_config(configs.pop("scheduler", None))
             model = random_pretrained(configs, args.seed)
-            model.files = _default_files(pathlib.Path(scratch), words, sampling)
+            model.files = _default_files(pathlib.Path(scratch), words, sampling, scheduler)
         save_converted(model, out, overwrite=args.overwrite)
     print(f"converted {', '.join(model.params)} -> {out} in {time.time() - start:.1f} s")
     return 0

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from st2v_jax.convert.official_configs import MS_1_7B_SCHEDULER
+from st2v_jax.diffusion.schedules import NoiseSchedule
 from st2v_jax.models.clip import CLIPTextConfig, CLIPTextTransformer, OpenCLIPVisionConfig, OpenCLIPVisionTransformer
 from st2v_jax.models.execution import DEFAULT_EXECUTION, ExecutionOptions, inference_params
 from st2v_jax.models.streaming import StreamingConfig, StreamingUNet3D
@@ -205,6 +206,18 @@ class PretrainedModel:
         """The kept scheduler/scheduler_config.json, or ModelScope ms-1.7b's when none was kept."""
         path = self.files.get("scheduler/scheduler_config.json")
         return json.loads(pathlib.Path(path).read_text()) if path else dict(MS_1_7B_SCHEDULER)
+
+
+def modelscope_scheduler_config(overrides: Optional[dict] = None) -> dict:
+    """ModelScope's scheduler config with a random model's `scheduler` overrides (e.g.
+    {"prediction_type": "v_prediction"}), checked by building its schedule."""
+    config = {**MS_1_7B_SCHEDULER, **(overrides or {})}
+    known = set(MS_1_7B_SCHEDULER) | {field.name for field in dataclasses.fields(NoiseSchedule)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"scheduler overrides {unknown} are not keys of the scheduler config; choose from {sorted(known)}")
+    NoiseSchedule.from_diffusers(config)
+    return config
 
 
 def random_pretrained(configs: Mapping[str, dict], seed: int = 0) -> PretrainedModel:
