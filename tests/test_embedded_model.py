@@ -7,6 +7,7 @@ import json
 import pathlib
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from st2v_jax import embedded, sample
@@ -46,3 +47,10 @@ def test_sample_without_a_model_flag_uses_the_embedded_model(tmp_path):
     assert {k: sidecar["settings"]["sampling"][k] for k in recipe["sampling"]} == dict(recipe["sampling"])
     frames = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(pngs.glob("*.png"))])
     assert frames.shape == (32, 64, 64, 3) and frames.std() > 1.0
+
+
+def test_packaging_refuses_a_model_trained_with_another_scheduler(tiny_model_dir, tmp_path):
+    # The tiny random model predicts epsilon; the shapes config describes a v-prediction model.
+    with pytest.raises(ValueError, match="was trained with the scheduler"):
+        embedded.package_model(tiny_model_dir, REPO / "configs" / "st2v_shapes_tiny.py", tmp_path / "packaged")
+    assert not (tmp_path / "packaged").exists()
