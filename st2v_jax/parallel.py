@@ -236,10 +236,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--mesh", default="fsdp=8", help="mesh spec, e.g. data=2,fsdp=4 (default fsdp=8)")
     args = parser.parse_args(argv)
     from st2v_jax.config_files import load_config_file
+    from st2v_jax.convert.components import split_model_config
 
-    configs = load_config_file(args.config).to_dict()
-    for extra in ("tokenizer_words", "sampling", "scheduler"):
-        configs.pop(extra, None)
+    configs, _ = split_model_config(load_config_file(args.config).to_dict())
     fixed = [int(p.partition("=")[2]) for p in args.mesh.split(",") if "=" in p and p.partition("=")[2].strip() != "-1"]
     try:
         sizes = parse_mesh_spec(args.mesh, math.prod(fixed) if fixed else 1)

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 from st2v_jax.checkpoint import save_converted
 from st2v_jax.config_files import load_config_file
-from st2v_jax.convert.components import SAMPLING_DEFAULTS_FILE, modelscope_scheduler_config, random_pretrained
+from st2v_jax.convert.components import SAMPLING_DEFAULTS_FILE, modelscope_scheduler_config, random_pretrained, split_model_config
 from st2v_jax.convert.official_configs import MS_1_7B_SCHEDULER
 from st2v_jax.convert.sources import from_diffusers_dir, from_official_checkpoint
 from st2v_jax.tokenizer import word_merges, write_byte_level_tokenizer
@@ -76,9 +76,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.source == "official":
             model = from_official_checkpoint(args.checkpoint, _streaming_configs(args.config), args.base_model_dir)
         else:
-            configs = load_config_file(args.config).to_dict()
-            words, sampling = configs.pop("tokenizer_words", ()), configs.pop("sampling", None)
-            scheduler = modelscope_scheduler_config(configs.pop("scheduler", None))
+            configs, extras = split_model_config(load_config_file(args.config).to_dict())
+            words, sampling = extras.get("tokenizer_words", ()), extras.get("sampling")
+            scheduler = modelscope_scheduler_config(extras.get("scheduler"))
             model = random_pretrained(configs, args.seed)
             model.files = _default_files(pathlib.Path(scratch), words, sampling, scheduler)
         save_converted(model, out, overwrite=args.overwrite)

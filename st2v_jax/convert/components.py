@@ -208,6 +208,17 @@ class PretrainedModel:
         return json.loads(pathlib.Path(path).read_text()) if path else dict(MS_1_7B_SCHEDULER)
 
 
+# Entries of a model config file (e.g. configs/st2v_shapes_tiny.py) that are not components:
+# the tokenizer's whole-word tokens, the sampling defaults and the scheduler overrides.
+MODEL_CONFIG_EXTRAS = ("tokenizer_words", "sampling", "scheduler")
+
+
+def split_model_config(config: dict) -> tuple[dict, dict]:
+    """A model config file's dict -> (component configs, its `MODEL_CONFIG_EXTRAS` entries)."""
+    components = {key: value for key, value in config.items() if key not in MODEL_CONFIG_EXTRAS}
+    return components, {key: config[key] for key in MODEL_CONFIG_EXTRAS if key in config}
+
+
 def modelscope_scheduler_config(overrides: Optional[dict] = None) -> dict:
     """ModelScope's scheduler config with a random model's `scheduler` overrides (e.g.
     {"prediction_type": "v_prediction"}), checked by building its schedule."""
