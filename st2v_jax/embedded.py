@@ -20,22 +20,42 @@ import ml_collections
 
 from st2v_jax.checkpoint import save_converted
 from st2v_jax.config_files import load_config_file
-from st2v_jax.convert.components import SAMPLING_DEFAULTS_FILE, modelscope_scheduler_config
+from st2v_jax.convert.components import SAMPLING_DEFAULTS_FILE, modelscope_scheduler_config, split_model_config
 from st2v_jax.pretrained import load_pretrained
 
 EMBEDDED_MODEL_DIR = pathlib.Path(__file__).resolve().parent / "assets" / "st2v-shapes-tiny"
 SIZE_LIMIT_BYTES = 25 * 1000**2
+# Component config entries that training measures rather than copies from the config file.
+MEASURED_CONFIG_ENTRIES = {("vae", "scaling_factor")}
 
 
 def folder_bytes(directory: pathlib.Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
 
 
+def config_mismatches(expected: dict, actual: dict, path: tuple[str, ...] = ()) -> list[str]:
+    """'component.key: expected != actual' for each entry of `expected` that `actual` differs on."""
+    if isinstance(expected, dict):
+        if not isinstance(actual, dict):
+            return [f"{'.'.join(path)}: {expected} != {actual}"]
+        return [m for key, value in expected.items() if path + (key,) not in MEASURED_CONFIG_ENTRIES
+                for m in config_mismatches(value, actual.get(key), path + (key,))]
+    same = list(expected) == list(actual) if isinstance(expected, (list, tuple)) and isinstance(actual, (list, tuple)) else expected == actual
+    return [] if same else [f"{'.'.join(path)}: {expected} != {actual}"]
+
+
 def package_model(model_dir: str | pathlib.Path, config_path: str | pathlib.Path, out: pathlib.Path = EMBEDDED_MODEL_DIR) -> int:
     """Writes the packaged model to `out`; returns its size in bytes (refused above 25 MB, or
-    when the model was not trained with the config's scheduler)."""
+    when the model's components or scheduler are not the ones the config describes)."""
     config = ml_collections.ConfigDict(load_config_file(config_path)).to_dict()
     model = load_pretrained(model_dir)
+    components, _ = split_model_config(config)
+    mismatches = config_mismatches(components, model.configs)
+    if mismatches:
+        raise ValueError(
+            f"{model_dir} does not have the components {config_path} describes ({'; '.join(mismatches)}): "
+            "package the model its own config describes, or retrain it with this config"
+        )
     expected = modelscope_scheduler_config(config.get("scheduler"))
     if model.scheduler_config() != expected:
         raise ValueError(
