@@ -1,8 +1,10 @@
 """Shared test setup: a persistent XLA compilation cache for the session (many tests
-compile the same tiny networks), and the tiny random StreamingT2V model folder."""
+compile the same tiny networks), the tiny random StreamingT2V model folder, and variants of
+its config file."""
 from __future__ import annotations
 
 import pathlib
+from typing import Callable
 
 import jax
 import pytest
@@ -27,3 +29,25 @@ def tiny_model_dir(tmp_path_factory) -> pathlib.Path:
     out = tmp_path_factory.mktemp("models") / "tiny-random"
     assert convert_cli(["random", "--config", str(REPO / "configs" / "tiny_random.py"), "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture
+def tiny_config_variant(tmp_path) -> Callable[[str], pathlib.Path]:
+    """`variant(change)`: a config file that is configs/tiny_random.py with the statement
+    `change` applied to its `config`."""
+
+    def variant(change: str) -> pathlib.Path:
+        path = tmp_path / "tiny_random_variant.py"
+        path.write_text(
+            "import importlib.util\n"
+            f"spec = importlib.util.spec_from_file_location('tiny_random', {str(REPO / 'configs' / 'tiny_random.py')!r})\n"
+            "tiny_random = importlib.util.module_from_spec(spec)\n"
+            "spec.loader.exec_module(tiny_random)\n\n\n"
+            "def get_config():\n"
+            "    config = tiny_random.get_config()\n"
+            f"    {change}\n"
+            "    return config\n"
+        )
+        return path
+
+    return variant

@@ -154,18 +154,8 @@ def test_official_checkpoint_mismatches_are_refused(tmp_path, tiny_t2v):
         from_official_checkpoint(partial, configs)
 
 
-def test_random_model_takes_scheduler_overrides_from_its_config(tmp_path):
-    config = tmp_path / "v_prediction.py"
-    config.write_text(
-        "import importlib.util\n"
-        f"spec = importlib.util.spec_from_file_location('tiny', {str(REPO / 'configs' / 'tiny_random.py')!r})\n"
-        "tiny = importlib.util.module_from_spec(spec)\n"
-        "spec.loader.exec_module(tiny)\n"
-        "def get_config():\n"
-        "    c = tiny.get_config()\n"
-        "    c.scheduler = {'prediction_type': 'v_prediction'}\n"
-        "    return c\n"
-    )
+def test_random_model_takes_scheduler_overrides_from_its_config(tiny_config_variant, tmp_path):
+    config = tiny_config_variant("config.scheduler = {'prediction_type': 'v_prediction'}")
     out = tmp_path / "tiny-v"
     assert convert_cli(["random", "--config", str(config), "--out", str(out)]) == 0
     scheduler = load_pretrained(out).scheduler_config()

@@ -49,32 +49,16 @@ def test_sample_without_a_model_flag_uses_the_embedded_model(tmp_path):
     assert frames.shape == (32, 64, 64, 3) and frames.std() > 1.0
 
 
-def tiny_random_variant(directory: pathlib.Path, change: str) -> pathlib.Path:
-    """A config file: configs/tiny_random.py with the statement `change` applied to `config`."""
-    path = directory / "tiny_random_variant.py"
-    path.write_text(
-        "import importlib.util\n"
-        f"spec = importlib.util.spec_from_file_location('tiny_random', {str(REPO / 'configs' / 'tiny_random.py')!r})\n"
-        "tiny_random = importlib.util.module_from_spec(spec)\n"
-        "spec.loader.exec_module(tiny_random)\n\n\n"
-        "def get_config():\n"
-        "    config = tiny_random.get_config()\n"
-        f"    {change}\n"
-        "    return config\n"
-    )
-    return path
-
-
-def test_packaging_refuses_a_model_trained_with_another_scheduler(tiny_model_dir, tmp_path):
+def test_packaging_refuses_a_model_trained_with_another_scheduler(tiny_model_dir, tiny_config_variant, tmp_path):
     # The tiny random model predicts epsilon.
-    config = tiny_random_variant(tmp_path, "config.scheduler = {'prediction_type': 'v_prediction'}")
+    config = tiny_config_variant("config.scheduler = {'prediction_type': 'v_prediction'}")
     with pytest.raises(ValueError, match="was trained with the scheduler"):
         embedded.package_model(tiny_model_dir, config, tmp_path / "packaged")
     assert not (tmp_path / "packaged").exists()
 
 
-def test_packaging_refuses_a_model_whose_components_differ_from_its_config(tiny_model_dir, tmp_path):
-    config = tiny_random_variant(tmp_path, "config.image_encoder.vision_cfg.image_size = 64")
+def test_packaging_refuses_a_model_whose_components_differ_from_its_config(tiny_model_dir, tiny_config_variant, tmp_path):
+    config = tiny_config_variant("config.image_encoder.vision_cfg.image_size = 64")
     with pytest.raises(ValueError, match=r"image_encoder\.vision_cfg\.image_size: 64 != 32"):
         embedded.package_model(tiny_model_dir, config, tmp_path / "packaged")
     assert not (tmp_path / "packaged").exists()
