@@ -37,7 +37,7 @@ def two_lane_scene(colours=("red", "blue"), kinds=("circle", "square"), speeds=(
 def test_ground_truth_video_scores_full_marks():
     scene = two_lane_scene()
     scores = score_video(scene.render(FRAMES), "a red circle and a blue square bouncing", LAYOUT)
-    assert scores.first_chunk_adherent and scores.consistency == 1.0
+    assert scores.first_chunk_adherent and scores.consistency == 1.0 and scores.persistence == 1.0
     assert scores.first_chunk_specs == {("red", "circle"), ("blue", "square")}
     centres = scene.centres(FRAMES)
     true_steps = np.linalg.norm(np.diff(centres, axis=0), axis=-1).mean()  # 0.95 px, less at a bounce
@@ -63,12 +63,14 @@ def test_a_colour_change_midway_lowers_consistency_only():
     scores = score_video(video, "a red circle and a blue square bouncing", LAYOUT)
     assert scores.first_chunk_adherent  # the first 16 frames are right
     assert scores.consistency == pytest.approx(0.5)
+    assert scores.persistence == pytest.approx(4 / 24)  # of the 24 frames after the first chunk, 4 keep red
 
 
 def test_the_wrong_shapes_fail_adherence():
     video = two_lane_scene(kinds=("triangle", "square")).render(FRAMES)
     scores = score_video(video, "a red circle and a blue square bouncing", LAYOUT)
     assert not scores.first_chunk_adherent and scores.consistency == 0.0
+    assert scores.persistence == 1.0  # wrong from the start, but kept: not drift
     assert scores.first_chunk_specs == {("red", "triangle"), ("blue", "square")}
     # A shape missing from the prompt is as wrong as a missing one.
     assert not score_video(video, "a blue square bouncing", LAYOUT).first_chunk_adherent
@@ -82,26 +84,28 @@ def test_chunk_borders_and_undefined_scores():
     assert math.isnan(shapes_eval.border_jump_ratio(still[:16], LAYOUT))
     scores = score_video(still, "a red circle", LAYOUT)
     assert math.isnan(scores.mean_displacement) and scores.consistency == 0.0
+    assert math.isnan(scores.persistence)  # the first chunk shows nothing to keep
     with pytest.raises(ValueError, match="names no shape"):
         score_video(still, "a cat surfing", LAYOUT)
 
 
-def evaluated(variant: str, values: list[tuple[bool, float, float, float]]) -> list[EvaluatedVideo]:
+def evaluated(variant: str, values: list[tuple[bool, float, float, float, float]]) -> list[EvaluatedVideo]:
     return [
-        EvaluatedVideo(variant, i, f"prompt {i}", 0, i, VideoScores(a, frozenset({("red", "circle")}), b, d, r))
-        for i, (a, b, d, r) in enumerate(values)
+        EvaluatedVideo(variant, i, f"prompt {i}", 0, i, VideoScores(a, frozenset({("red", "circle")}), b, p, d, r))
+        for i, (a, b, p, d, r) in enumerate(values)
     ]
 
 
 def test_tables_compare_ablations_per_prompt():
-    full = evaluated("full", [(True, 0.95, 1.0, 1.0), (True, 0.9, 1.2, 1.1), (False, 0.8, 0.9, 1.05), (True, 1.0, 1.1, 0.95)])
-    no_cam = evaluated("no_cam", [(True, 0.95, 1.0, 2.0), (True, 0.9, 1.2, 2.3), (False, 0.8, 0.9, 1.9), (True, 1.0, 1.1, 2.1)])
-    no_apm = evaluated("no_apm", [(True, 0.94, 1.0, 1.0), (True, 0.91, 1.2, 1.1), (False, 0.8, 0.9, 1.05), (True, 0.99, 1.1, 0.95)])
+    full = evaluated("full", [(True, 0.95, 1.0, 1.0, 1.0), (True, 0.9, 1.0, 1.2, 1.1), (False, 0.8, 0.9, 0.9, 1.05), (True, 1.0, 1.0, 1.1, 0.95)])
+    no_cam = evaluated("no_cam", [(True, 0.95, 1.0, 1.0, 2.0), (True, 0.9, 1.0, 1.2, 2.3), (False, 0.8, 0.9, 0.9, 1.9), (True, 1.0, 1.0, 1.1, 2.1)])
+    no_apm = evaluated("no_apm", [(True, 0.94, 0.8, 1.0, 1.0), (True, 0.91, 0.9, 1.2, 1.1), (False, 0.8, math.nan, 0.9, 1.05), (True, 0.99, 0.7, 1.1, 0.95)])
     report = shapes_eval.markdown_report({"full": full, "no_cam": no_cam, "no_apm": no_apm}, {"model": "m"})
     rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ")}
-    assert "| 4 | 75.0% ± 25.0 | 91.3% ± 4.3 | 1.05 ± 0.06 | 1.03 ± 0.03 |" in rows["full"]
+    assert "| 4 | 75.0% ± 25.0 | 91.3% ± 4.3 | 97.5% ± 2.5 | 1.05 ± 0.06 | 1.03 ± 0.03 |" in rows["full"]
+    assert "| APM off | 4 | 75.0% ± 25.0 | 91.0% ± 4.0 | 80.0% ± 5.8 |" in report  # over the 3 videos that have a value
     assert rows["CAM off"].endswith("| +0.00 ± 0.00 | +1.05 ± 0.08 | (c) border-jump ratio | worse (13.3 s.e.) |")
-    assert rows["APM off"].endswith("| (b) frames with the prompt's shapes | not measurably worse |")
+    assert rows["APM off"].endswith("| -20.0% ± 5.8 | +0.00 ± 0.00 | +0.00 ± 0.00 | (b) frames with the prompt's shapes | not measurably worse |")
     text = shapes_eval.csv_text([video.row() for video in full + no_cam])
     parsed = list(csv.DictReader(io.StringIO(text)))
     assert len(parsed) == 8 and parsed[4]["variant"] == "no_cam" and parsed[4]["border_jump_ratio"] == "2"

@@ -6,6 +6,9 @@ scored against its prompt without a learnt metric:
   (a) first-chunk adherence: the (colour, kind) pairs detected in most of the first chunk's
       frames are exactly the prompt's (per video true/false);
   (b) consistency: the fraction of frames whose detected pairs are exactly the prompt's;
+      beside it, persistence: the fraction of frames after the first chunk that show exactly
+      what the first chunk showed, right or wrong (what APM's anchor frame should keep), so
+      a low (b) can be told apart as a wrong start or as drift;
   (c) motion: the mean per-frame displacement of each prompt colour's shape (px at the
       video's size), and the border-jump ratio, the mean absolute frame difference across
       chunk borders over that within chunks (1: seamless; a new chunk that does not
@@ -71,6 +74,7 @@ class VideoScores:
     first_chunk_adherent: bool
     first_chunk_specs: frozenset[ShapeSpec]  # detected in most first-chunk frames
     consistency: float
+    persistence: float
     mean_displacement: float
     border_jump_ratio: float
 
@@ -79,6 +83,7 @@ class VideoScores:
             "first_chunk_adherent": self.first_chunk_adherent,
             "first_chunk_detected": describe_specs(self.first_chunk_specs),
             "consistency": self.consistency,
+            "persistence": self.persistence,
             "mean_displacement_px": self.mean_displacement,
             "border_jump_ratio": self.border_jump_ratio,
         }
@@ -134,6 +139,16 @@ def first_chunk_specs(specs: Sequence[frozenset[ShapeSpec]], layout: ChunkLayout
     return frozenset(spec for spec, n in counts.items() if 2 * n > len(first))
 
 
+def persistence(specs: Sequence[frozenset[ShapeSpec]], layout: ChunkLayout) -> float:
+    """The fraction of frames after the first chunk whose detected pairs are exactly the first
+    chunk's (`first_chunk_specs`). NaN when the first chunk shows nothing (nothing to keep)
+    or no frame follows it."""
+    first, later = first_chunk_specs(specs, layout), specs[layout.first:]
+    if not first or not later:
+        return math.nan
+    return float(np.mean([frame == first for frame in later]))
+
+
 def mean_displacement(detections: Sequence[Sequence[Detection]], colours: Sequence[str]) -> float:
     """Mean distance (px) a shape's centre moves between consecutive frames, over the given
     colours' tracks (a colour is one shape) and every pair of frames where both show it."""
@@ -179,6 +194,7 @@ def score_video(
         first_chunk_adherent=first == wanted,
         first_chunk_specs=first,
         consistency=float(np.mean([frame == wanted for frame in specs])),
+        persistence=persistence(specs, layout),
         mean_displacement=mean_displacement(detections, sorted(colour for colour, _ in wanted)),
         border_jump_ratio=border_jump_ratio(video, layout),
     )
@@ -189,6 +205,7 @@ def score_video(
 _METRICS = (  # (VideoScores field, column title, as a percentage)
     ("first_chunk_adherent", "(a) first-chunk adherence", True),
     ("consistency", "(b) frames with the prompt's shapes", True),
+    ("persistence", "frames keeping the first chunk's shapes", True),
     ("mean_displacement", "(c) displacement px/frame", False),
     ("border_jump_ratio", "(c) border-jump ratio", False),
 )
@@ -226,7 +243,7 @@ def markdown_report(results: Mapping[str, Sequence[EvaluatedVideo]], described: 
     for variant, videos in results.items():
         cells = [_format(*_mean_and_error(_values(videos, field))[:2], percent) for field, _, percent in _METRICS]
         lines.append(f"| {VARIANT_TITLES.get(variant, variant)} | {len(videos)} | " + " | ".join(cells) + " |")
-    lines += ["", f"Mean ± standard error over videos; {TARGETS}."]
+    lines += ["", f"Mean ± standard error over videos (persistence over the videos whose first chunk shows a shape); {TARGETS}."]
     ablations = [v for v in results if v in ABLATION_EXPECTATIONS]
     if "full" in results and ablations:
         lines += ["", "## (d) Ablations: difference from the full model on the same prompts and seeds", ""]
@@ -263,7 +280,7 @@ def _verdict(full: Sequence[EvaluatedVideo], ablation: Sequence[EvaluatedVideo],
 
 CSV_COLUMNS = (
     "variant", "prompt_index", "prompt", "seed", "batch_position",
-    "first_chunk_adherent", "first_chunk_detected", "consistency", "mean_displacement_px", "border_jump_ratio",
+    "first_chunk_adherent", "first_chunk_detected", "consistency", "persistence", "mean_displacement_px", "border_jump_ratio",
 )
 
 
